@@ -1,0 +1,1 @@
+"""Text data: corpora, token blocks, multiple-choice tasks and DataModules."""

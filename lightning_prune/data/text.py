@@ -1,0 +1,135 @@
+"""Text sources → fixed-length token blocks.
+
+Convention (shared by evaluation and calibration): take the split's text as it is in the
+file (jsonl: the ``text`` fields joined by blank lines), tokenize it once without special
+tokens, cut non-overlapping ``seq_len`` blocks from the start. Evaluation uses the first
+``num_samples`` blocks; calibration draws ``num_samples`` distinct blocks with a seeded
+generator.
+"""
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from lightning_prune.errors import InputError, MissingInputError
+
+__all__ = ["NAMED_CORPORA", "SPLITS", "corpus_file", "data_key", "read_text", "tokenize_text", "token_blocks", "load_blocks"]
+
+SPLITS = ("test", "validation")
+NAMED_CORPORA = {
+    "wikitext2": {"test": "wikitext-2-raw/wiki.test.raw", "validation": "wikitext-2-raw/wiki.valid.raw"},
+    "c4": {"test": "c4/c4-train.00000-of-01024.first1000.jsonl", "validation": "c4/c4-train.00000-of-01024.first1000.jsonl"},
+}
+_FILE_SUFFIXES = (".txt", ".raw", ".jsonl", ".json", ".md")
+
+
+def corpus_file(name: str, split: str) -> Path:
+    """Path of a bundled corpus file (``wikitext2`` or ``c4``) for ``split`` (test / validation)."""
+    if split not in SPLITS:
+        raise InputError(f"split {split!r} is not known; choose one of {', '.join(SPLITS)}")
+    return Path(str(resources.files("lightning_prune.data") / "corpora" / NAMED_CORPORA[name][split]))
+
+
+def data_key(source: str) -> str:
+    """The name results are reported under: the shortcut name, or a file's stem."""
+    return source if source in NAMED_CORPORA else Path(source).stem or source
+
+
+def _read_jsonl(path: Path, field: str) -> str:
+    texts = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{path}:{number} is not valid JSON ({error.msg}); expected one object per line") from error
+            if field not in record:
+                raise InputError(f"{path}:{number} has no {field!r} field; each line needs a {field!r} string")
+            texts.append(str(record[field]))
+    return "\n\n".join(texts)
+
+
+def _read_hf_dataset(name: str, split: str, field: str) -> str:
+    import datasets
+
+    hf_split = {"validation": "validation", "test": "test"}[split]
+    try:
+        dataset = datasets.load_dataset(name, split=hf_split)
+    except Exception as error:
+        raise InputError(
+            f"data {name!r} is neither a bundled corpus ({', '.join(NAMED_CORPORA)}), a file, nor a loadable dataset: {error}"
+        ) from error
+    if field not in dataset.column_names:
+        raise InputError(f"dataset {name!r} has no {field!r} column; columns: {', '.join(dataset.column_names)}")
+    return "\n\n".join(dataset[field])
+
+
+def read_text(source: str, split: str = "test", *, text_field: str = "text") -> str:
+    """Read the raw text of a shortcut, a text/jsonl file, or a Hugging Face dataset name."""
+    if source in NAMED_CORPORA:
+        path = corpus_file(source, split)
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            if source.startswith(("/", ".", "~")) or path.suffix in _FILE_SUFFIXES:
+                raise MissingInputError(
+                    f"data file {source!r} does not exist; pass a text/jsonl file or one of {', '.join(NAMED_CORPORA)}"
+                )
+            return _read_hf_dataset(source, split, text_field)
+        if path.is_dir():
+            raise InputError(f"data path {source!r} is a directory; pass a text or jsonl file")
+    text = _read_jsonl(path, text_field) if path.suffix == ".jsonl" else path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise InputError(f"data file {source!r} is empty; pass a file with text in it")
+    return text
+
+
+def tokenize_text(tokenizer, text: str) -> torch.Tensor:
+    """Token ids (1-D) of the whole text, without special tokens."""
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def token_blocks(
+    ids: torch.Tensor, seq_len: int, num_samples: int | None = None, *, seed: int | None = None, source: str = "data"
+) -> torch.Tensor:
+    """Cut ``ids`` into non-overlapping blocks, shape (num_samples, seq_len).
+
+    Args:
+        ids: 1-D token ids.
+        seq_len: tokens per block.
+        num_samples: blocks to return (default: all).
+        seed: ``None`` takes the first blocks; an int draws distinct blocks at random with it.
+        source: name used in error messages.
+    """
+    if seq_len <= 0:
+        raise InputError(f"seq_len must be a positive number of tokens, got {seq_len}")
+    available = ids.numel() // seq_len
+    if available == 0:
+        raise InputError(f"{source} has {ids.numel()} tokens, fewer than one block of seq_len={seq_len}")
+    if num_samples is None:
+        num_samples = available
+    if num_samples <= 0:
+        raise InputError(f"num_samples must be positive, got {num_samples}")
+    if num_samples > available:
+        raise InputError(
+            f"num_samples={num_samples} is more than {source} yields: {available} blocks of {seq_len} tokens; "
+            f"use num_samples <= {available} or a shorter seq_len"
+        )
+    blocks = ids[: available * seq_len].view(available, seq_len)
+    if seed is None:
+        return blocks[:num_samples].clone()
+    generator = torch.Generator().manual_seed(seed)
+    return blocks[torch.randperm(available, generator=generator)[:num_samples]].clone()
+
+
+def load_blocks(
+    tokenizer, source: str, *, split: str, seq_len: int, num_samples: int | None, seed: int | None = None
+) -> torch.Tensor:
+    """Read, tokenize and cut a data source in one call (see :func:`token_blocks`)."""
+    ids = tokenize_text(tokenizer, read_text(source, split))
+    return token_blocks(ids, seq_len, num_samples, seed=seed, source=repr(source))

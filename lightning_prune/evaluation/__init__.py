@@ -1,0 +1,5 @@
+"""Evaluation: perplexity, downstream tasks, speed."""
+
+from lightning_prune.evaluation.perplexity import perplexity
+
+__all__ = ["perplexity"]

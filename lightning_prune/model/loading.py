@@ -1,0 +1,111 @@
+"""One entry point from a model name to ``(model, tokenizer)``.
+
+Accepted names: ``demo`` (the embedded SmolLM2-135M-Instruct GGUF), a local Hugging Face
+directory, a ``.gguf`` file, or a Hugging Face Hub id. All go through the same
+``from_pretrained``; GGUF weights are dequantised to the requested dtype.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from lightning_prune.errors import InputError, MissingInputError
+from lightning_prune.model.anatomy import family_spec
+from lightning_prune.model.demo import demo_gguf_path
+
+__all__ = ["DTYPES", "ModelSource", "resolve_model_source", "load_config", "load_model", "load_tokenizer"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where ``from_pretrained`` should look: a directory or Hub id, plus an optional GGUF file name."""
+
+    name_or_path: str
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.endswith(".gguf") or name.count("/") > 1 or "\\" in name
+
+
+def resolve_model_source(name: str) -> ModelSource:
+    """Turn a user-facing model name into a :class:`ModelSource`, checking local paths exist."""
+    if name == "demo":
+        path = demo_gguf_path()
+        return ModelSource(str(path.parent), path.name)
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise MissingInputError(f"model directory {name!r} has no config.json; pass a Hugging Face model directory")
+        return ModelSource(str(path))
+    if path.exists():
+        raise InputError(f"model file {name!r} is not a .gguf file; pass 'demo', a Hub id, a model directory or a .gguf file")
+    if _looks_like_path(name):
+        raise MissingInputError(f"model path {name!r} does not exist; pass 'demo', a Hub id, a model directory or a .gguf file")
+    return ModelSource(name)
+
+
+def load_config(name: str, *, trust_remote_code: bool = False):
+    """Load and check the config of a model: the family must be supported."""
+    source = resolve_model_source(name)
+    try:
+        config = AutoConfig.from_pretrained(source.name_or_path, trust_remote_code=trust_remote_code, **source.kwargs())
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"could not load model {name!r}: {first_line}") from error
+    family_spec(config)
+    return config
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a model; a missing pad token is set to the EOS token."""
+    source = resolve_model_source(name)
+    tokenizer = AutoTokenizer.from_pretrained(source.name_or_path, trust_remote_code=trust_remote_code, **source.kwargs())
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name: str = "demo",
+    *,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    quantization_config=None,
+):
+    """Load ``(model, tokenizer)`` in eval mode.
+
+    Args:
+        name: ``demo``, a local HF directory, a ``.gguf`` file or a Hub id.
+        dtype: one of ``float32``, ``bfloat16``, ``float16``.
+        device: where to put the weights.
+        trust_remote_code: allow custom modelling code from the model's repository.
+        quantization_config: e.g. a ``BitsAndBytesConfig`` for 4-bit base weights.
+    """
+    if dtype not in DTYPES:
+        raise InputError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    config = load_config(name, trust_remote_code=trust_remote_code)
+    source = resolve_model_source(name)
+    model = AutoModelForCausalLM.from_pretrained(
+        source.name_or_path,
+        config=config,
+        dtype=DTYPES[dtype],
+        trust_remote_code=trust_remote_code,
+        quantization_config=quantization_config,
+        **source.kwargs(),
+    )
+    if quantization_config is None:
+        model.to(device)
+    model.eval()
+    tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
+    return model, tokenizer

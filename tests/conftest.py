@@ -1,0 +1,99 @@
+"""Tiny random models, one per supported family, and a tiny tokenizer trained offline."""
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from lightning_prune.data.text import corpus_file
+
+VOCAB = 256
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+TINY_CONFIGS = {
+    "llama": lambda: LlamaConfig(**_COMMON),
+    "llama_tied": lambda: LlamaConfig(**{**_COMMON, "tie_word_embeddings": True}),
+    "mistral": lambda: MistralConfig(**_COMMON, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**_COMMON),
+    "qwen2_sliding": lambda: Qwen2Config(**_COMMON, use_sliding_window=True, sliding_window=8, max_window_layers=3),
+    "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=16),
+    "opt": lambda: OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        word_embed_proj_dim=64,
+        tie_word_embeddings=False,
+        dropout=0.0,
+    ),
+}
+FAMILY_NAMES = [name for name in TINY_CONFIGS if name != "llama_tied"]
+
+
+def make_tiny_model(name: str, seed: int = 0):
+    """A randomly initialised tiny causal LM of the named family, in eval mode, fp32."""
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[name]()
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0, 0.08)
+    return model.eval()
+
+
+@pytest.fixture(params=FAMILY_NAMES)
+def tiny_model(request):
+    return make_tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer with VOCAB entries trained on a slice of WikiText-2 valid."""
+    text = corpus_file("wikitext2", "validation").read_text(encoding="utf-8")[:200_000]
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator([text], trainer=trainer)
+    from tokenizers import decoders
+
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>")
+    fast.model_max_length = 256
+    return fast
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tiny_tokenizer):
+    """A tiny Llama saved as a local Hugging Face directory with its tokenizer."""
+    model = make_tiny_model("llama")
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def random_ids(batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, length), generator=generator)
