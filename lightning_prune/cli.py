@@ -1,0 +1,80 @@
+"""Command line: ``lightning-prune <command>``.
+
+Functional commands (evaluate, prune, …) are plain functions in
+:mod:`lightning_prune.commands` whose signatures and docstrings become the options and
+their help. ``fit`` / ``validate`` / ``test`` go to a :class:`LightningCLI` that builds a
+LightningModule, a DataModule and callbacks from a YAML config. Bad input gives one line on
+stderr and exit code 2.
+"""
+
+import json
+import sys
+from collections.abc import Callable
+
+from jsonargparse import ArgumentParser
+
+from lightning_prune.errors import InputError
+
+__all__ = ["main", "lightning_main", "build_parser"]
+
+PROG = "lightning-prune"
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _fail(message: str) -> None:
+    first_line = " ".join(message.split()) or "invalid input"
+    print(f"{PROG}: error: {first_line}", file=sys.stderr)
+    sys.exit(2)
+
+
+class _OneLineParser(ArgumentParser):
+    """An argument parser whose errors are one line on stderr and exit code 2."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        _fail(message)
+
+
+def _summary(function: Callable) -> str:
+    return (function.__doc__ or "").strip().splitlines()[0]
+
+
+def build_parser(commands: dict[str, Callable]) -> ArgumentParser:
+    """Parser with one subcommand per function; options come from each signature."""
+    parser = _OneLineParser(prog=PROG, description=__doc__.strip().splitlines()[0])
+    subcommands = parser.add_subcommands(dest="command")
+    for name, function in commands.items():
+        sub = _OneLineParser(prog=f"{PROG} {name}", description=_summary(function))
+        sub.add_function_arguments(function, as_group=False)
+        subcommands.add_subcommand(name, sub, help=_summary(function))
+    return parser
+
+
+def lightning_main(args: list[str] | None = None) -> None:
+    """Run the LightningCLI (``fit``/``validate``/``test``) with our modules and callbacks."""
+    from lightning_prune.lightning_cli import PruneCLI
+
+    try:
+        PruneCLI(args=args)
+    except InputError as error:
+        _fail(str(error))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``lightning-prune`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+        lightning_main(argv)
+        return
+    from lightning_prune.commands import COMMANDS
+
+    config = build_parser(COMMANDS).parse_args(argv)
+    options = config[config.command].as_dict()
+    try:
+        result = COMMANDS[config.command](**options)
+    except InputError as error:
+        _fail(str(error))
+    print(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Run directories: ``config.yaml``, ``metrics.json``, ``decisions.json`` and ``model/``.
+
+Everything is written atomically (temporary path in the same directory, then rename), so an
+interrupted run never leaves a half-written file or model behind.
+"""
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+from torch import nn
+
+from lightning_prune.errors import InputError
+
+__all__ = ["RESULT_NAMES", "RunDirectory", "package_versions", "count_parameters", "model_summary"]
+
+RESULT_NAMES = ("config.yaml", "metrics.json", "decisions.json", "model")
+_PACKAGES = ("lightning-prune", "torch", "transformers", "lightning", "torchmetrics", "peft", "bitsandbytes", "lm_eval")
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that decide a result (missing ones are left out)."""
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters (tied matrices counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def model_summary(model: nn.Module) -> dict:
+    """Layer and parameter counts of a model, as stored in ``metrics.json``."""
+    return {"num_layers": model.config.num_hidden_layers, "num_parameters": count_parameters(model)}
+
+
+class RunDirectory:
+    """One run's output directory.
+
+    Args:
+        path: the directory (created on first write).
+        overwrite: allow replacing results already there.
+    """
+
+    def __init__(self, path: str | os.PathLike, overwrite: bool = False):
+        self.path = Path(path)
+        self.overwrite = overwrite
+
+    def check(self) -> None:
+        """Refuse (before any work) a directory that already holds results, unless overwriting."""
+        if self.path.exists() and not self.path.is_dir():
+            raise InputError(f"output_dir {str(self.path)!r} is a file; pass a directory")
+        existing = [name for name in RESULT_NAMES if (self.path / name).exists()]
+        if existing and not self.overwrite:
+            raise InputError(
+                f"output_dir {str(self.path)!r} already holds results ({', '.join(existing)}); "
+                "choose another directory or pass --overwrite true"
+            )
+
+    def _publish(self, temporary: Path, name: str) -> Path:
+        target = self.path / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(temporary, target)
+        return target
+
+    def write_text(self, name: str, text: str) -> Path:
+        """Write a text file atomically."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=self.path)
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        return self._publish(Path(temporary), name)
+
+    def write_json(self, name: str, data: dict) -> Path:
+        """Write ``data`` as indented JSON atomically."""
+        return self.write_text(name, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+    def write_config(self, config: dict) -> Path:
+        """Write the settings of the run as ``config.yaml``."""
+        return self.write_text("config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+    def save_model(self, model: nn.Module, tokenizer=None, name: str = "model") -> Path:
+        """``save_pretrained`` (safetensors) into a temporary directory, then rename it to ``name``."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.path))
+        try:
+            model.save_pretrained(temporary, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(temporary)
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
+        return self._publish(temporary, name)
