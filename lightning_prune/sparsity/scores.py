@@ -1,0 +1,82 @@
+"""Weight scores for unstructured pruning, and the input statistics they need.
+
+- magnitude: ``|W_ij|``.
+- Wanda (003 Eq. 3, Sun et al. 2024): ``|W_ij| · ‖X_j‖₂``, compared within each output row.
+- SparseGPT (003 Eq. 2, Frantar & Alistarh 2023) needs the Hessian ``H = 2XᵀX/n``; its
+  pruning with OBS weight updates lives in :mod:`lightning_prune.sparsity.sparsegpt`.
+
+Statistics are accumulated in fp32 by forward hooks on each linear
+(:class:`InputStatistics`), so one pass over the calibration tokens serves all of a
+decoder layer's projections.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+__all__ = ["METHODS", "InputStatistics", "collect_statistics", "magnitude_scores", "wanda_scores"]
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+class InputStatistics:
+    """Running statistics of the inputs X (tokens × C_in) of one linear layer.
+
+    Attributes:
+        squared_sum: (C_in,) Σ_tokens x_j².
+        hessian: (C_in, C_in) Σ_tokens x xᵀ, kept only when ``hessian=True``.
+        tokens: number of token rows seen.
+    """
+
+    def __init__(self, in_features: int, *, hessian: bool, device: torch.device | str = "cpu"):
+        self.squared_sum = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.gram = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
+        self.tokens = 0
+
+    def update(self, inputs: torch.Tensor) -> None:
+        """Add a batch of inputs (..., C_in)."""
+        rows = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+        self.squared_sum += rows.square().sum(0)
+        if self.gram is not None:
+            self.gram.addmm_(rows.T, rows)
+        self.tokens += rows.shape[0]
+
+    @property
+    def column_norms(self) -> torch.Tensor:
+        """(C_in,) ‖X_j‖₂ / √n — Wanda's feature norm up to a factor common to all weights."""
+        return (self.squared_sum / max(self.tokens, 1)).sqrt()
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """(C_in, C_in) H = 2XᵀX / n, SparseGPT's layer-wise reconstruction Hessian."""
+        return self.gram * (2.0 / max(self.tokens, 1))
+
+
+@contextmanager
+def collect_statistics(linears: dict[str, nn.Module], *, hessian: bool) -> Iterator[dict[str, InputStatistics]]:
+    """Forward hooks that fill one :class:`InputStatistics` per named linear while the block runs."""
+    stats = {
+        name: InputStatistics(module.in_features, hessian=hessian, device=module.weight.device)
+        for name, module in linears.items()
+    }
+    handles = [
+        module.register_forward_pre_hook(lambda m, args, name=name: stats[name].update(args[0]))
+        for name, module in linears.items()
+    ]
+    try:
+        yield stats
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in) ``|W|`` in fp32."""
+    return weight.detach().float().abs()
+
+
+def wanda_scores(weight: torch.Tensor, stats: InputStatistics) -> torch.Tensor:
+    """(C_out, C_in) ``|W_ij| · ‖X_j‖₂`` in fp32 (003 Eq. 3)."""
+    return weight.detach().float().abs() * stats.column_norms.to(weight.device)[None, :]

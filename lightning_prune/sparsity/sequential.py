@@ -1,0 +1,170 @@
+"""Sequential layer-by-layer sparsification (the Wanda / SparseGPT calibration loop).
+
+1. Capture what enters decoder layer 0 for every calibration batch (hidden states plus
+   position embeddings and masks, :func:`capture_layer_inputs`).
+2. For OWL / DLP, one pass over the *dense* layers computes each layer's statistic from its
+   Wanda scores, and :func:`allocate` turns them into per-layer sparsities.
+3. For each layer in order: run it with hooks that collect its projections' input
+   statistics, prune every projection (per output row, exact counts), then run the *pruned*
+   layer to get the inputs of the next one.
+
+Only one layer's activations are held besides the model (N × T × D hidden states).
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lightning_prune.capture import LayerInputs, capture_layer_inputs, run_layers
+from lightning_prune.errors import InputError
+from lightning_prune.model.anatomy import Anatomy
+from lightning_prune.sparsity.allocation import allocate, check_allocation, layer_statistic
+from lightning_prune.sparsity.masks import NMPattern, base_linear, nm_keep_mask, row_counts, topk_keep_mask
+from lightning_prune.sparsity.nm import check_widths, mixed_patterns
+from lightning_prune.sparsity.scores import METHODS, InputStatistics, collect_statistics, magnitude_scores, wanda_scores
+from lightning_prune.sparsity.sparsegpt import sparsegpt_prune
+
+__all__ = ["SparsityResult", "check_method", "prune_linear", "sparsify"]
+
+
+@dataclass
+class SparsityResult:
+    """What :func:`sparsify` decided.
+
+    Attributes:
+        layer_sparsity: per decoder layer, the allocated sparsity.
+        layer_statistic: per decoder layer, the allocation statistic (DLP median / OWL outlier ratio).
+        layer_patterns: per decoder layer, ``"N:M"`` (N:M runs only).
+        masks: keep masks keyed ``layers.{i}.{role}``.
+    """
+
+    layer_sparsity: list[float]
+    layer_statistic: list[float] | None = None
+    layer_patterns: list[str] | None = None
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise InputError(f"method {method!r} is not known; choose one of {', '.join(METHODS)}")
+
+
+def prune_linear(
+    linear: nn.Module, method: str, target: float | NMPattern, stats: InputStatistics | None, **sparsegpt_options
+) -> torch.Tensor:
+    """Prune one linear in place to ``target`` (a sparsity or an N:M pattern); return its keep mask."""
+    weight = linear.weight
+    pattern = target if isinstance(target, NMPattern) else None
+    counts = None if pattern else row_counts(*weight.shape, target)
+    if method == "sparsegpt":
+        new_weight, keep = sparsegpt_prune(weight, stats.hessian, counts=counts, pattern=pattern, **sparsegpt_options)
+        weight.data.copy_(new_weight.to(weight.dtype))
+        return keep
+    scores = magnitude_scores(weight) if method == "magnitude" else wanda_scores(weight, stats)
+    keep = nm_keep_mask(scores, pattern) if pattern else topk_keep_mask(scores, counts)
+    weight.data.mul_(keep.to(weight.dtype))
+    return keep
+
+
+def _run_layer(model, position: int, inputs: LayerInputs) -> list[torch.Tensor]:
+    return [run_layers(model, hidden, kwargs, [position]) for hidden, kwargs in zip(inputs.hidden, inputs.kwargs)]
+
+
+def _linears(anatomy: Anatomy, position: int) -> dict[str, nn.Module]:
+    return {role: base_linear(module) for role, module in anatomy.linears(anatomy.layers[position]).items()}
+
+
+def _allocation_statistics(model, inputs: LayerInputs, allocation: str, progress: bool) -> list[float]:
+    """Dense pass: each layer's statistic of its concatenated Wanda scores (003 Algorithm 1 lines 4–5)."""
+    anatomy = Anatomy(model)
+    values = []
+    hidden = inputs.hidden
+    for position in tqdm(range(anatomy.num_layers), desc="layer statistics", disable=not progress, leave=False):
+        linears = _linears(anatomy, position)
+        with collect_statistics(linears, hessian=False) as stats:
+            hidden = _run_layer(model, position, LayerInputs(position, hidden, inputs.kwargs))
+        scores = torch.cat([wanda_scores(linear.weight, stats[role]).flatten() for role, linear in linears.items()])
+        values.append(layer_statistic(allocation, scores))
+    return values
+
+
+def _targets(result: SparsityResult, pattern: NMPattern | None, allocation: str) -> list[float | NMPattern]:
+    if pattern is None:
+        return result.layer_sparsity
+    if allocation == "uniform":
+        patterns = [pattern] * len(result.layer_sparsity)
+    else:
+        patterns = mixed_patterns(result.layer_sparsity, pattern)
+    result.layer_patterns = [str(p) for p in patterns]
+    result.layer_sparsity = [p.sparsity for p in patterns]
+    return patterns
+
+
+def _prune_layers(model, inputs, method, targets, masks, progress, options) -> None:
+    """Prune the layers in order, feeding each pruned layer's outputs to the next."""
+    anatomy = Anatomy(model)
+    hidden = inputs.hidden if inputs is not None else None
+    for position in tqdm(range(anatomy.num_layers), desc=f"{method} pruning", disable=not progress, leave=False):
+        linears = _linears(anatomy, position)
+        stats = None
+        if method != "magnitude":
+            layer_inputs = LayerInputs(position, hidden, inputs.kwargs)
+            with collect_statistics(linears, hessian=method == "sparsegpt") as stats:
+                _run_layer(model, position, layer_inputs)
+        for role, linear in linears.items():
+            stat = stats[role] if stats else None
+            masks[f"layers.{position}.{role}"] = prune_linear(linear, method, targets[position], stat, **options).cpu()
+        if hidden is not None and position + 1 < anatomy.num_layers:
+            hidden = _run_layer(model, position, LayerInputs(position, hidden, inputs.kwargs))
+
+
+@torch.no_grad()
+def sparsify(
+    model: nn.Module,
+    blocks: torch.Tensor | None,
+    *,
+    method: str = "wanda",
+    allocation: str = "uniform",
+    sparsity: float = 0.5,
+    alpha: float | None = None,
+    pattern: NMPattern | None = None,
+    batch_size: int = 8,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    progress: bool = True,
+) -> SparsityResult:
+    """Prune every q/k/v/o/gate/up/down projection of the decoder in place.
+
+    Args:
+        model: a supported causal LM (embeddings and lm_head are left dense).
+        blocks: calibration token ids (N, T); ``None`` only for magnitude with uniform allocation.
+        method: magnitude, wanda or sparsegpt.
+        allocation: uniform, owl or dlp.
+        sparsity: target fraction of pruned weights p (ignored when ``pattern`` is given: p = 1 − N/M).
+        alpha: DLP's α / OWL's λ (default per allocation).
+        pattern: N:M pattern; with owl/dlp each layer gets its own N (mixed N:M).
+        batch_size: calibration blocks per forward.
+        blocksize / percdamp: SparseGPT's lazy-update block and dampening.
+        progress: show progress bars.
+    """
+    check_method(method)
+    sparsity = pattern.sparsity if pattern else sparsity
+    alpha = check_allocation(allocation, sparsity, alpha)
+    if pattern:
+        check_widths(model, pattern)
+    needs_data = method != "magnitude" or allocation != "uniform"
+    if needs_data and blocks is None:
+        raise InputError(f"method {method!r} with allocation {allocation!r} needs calibration data")
+    was_training = model.training
+    model.eval()
+    inputs = capture_layer_inputs(model, blocks.split(batch_size), 0) if needs_data else None
+    num_layers = Anatomy(model).num_layers
+    statistics = _allocation_statistics(model, inputs, allocation, progress) if allocation != "uniform" else None
+    result = SparsityResult(allocate(allocation, statistics or [0.0] * num_layers, sparsity, alpha), statistics)
+    targets = _targets(result, pattern, allocation)
+    options = {"blocksize": blocksize, "percdamp": percdamp} if method == "sparsegpt" else {}
+    _prune_layers(model, inputs, method, targets, result.masks, progress, options)
+    model.train(was_training)
+    return result

@@ -1,0 +1,43 @@
+"""The embedded SmolLM2-135M: loading, evaluation and pruning through the CLI (slow)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from lightning_prune.cli import main
+from lightning_prune.model import Anatomy, load_model
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_loads_as_30_layer_llama():
+    model, tokenizer = load_model("demo")
+    anatomy = Anatomy(model)
+    assert (anatomy.family, anatomy.num_layers, anatomy.hidden_size) == ("llama", 30, 576)
+    assert (anatomy.num_heads, anatomy.num_kv_heads) == (9, 3)
+    assert anatomy.lm_head.weight is anatomy.embed_tokens.weight
+    assert tokenizer("Hello world", add_special_tokens=False).input_ids
+
+
+def test_evaluate_and_prune_demo(tmp_path, capsys):
+    main(["evaluate", "--model", "demo", "--data", "wikitext2", "--seq_len", "128", "--num_samples", "16", "--output_dir", str(tmp_path / "eval")])
+    dense = json.loads((tmp_path / "eval" / "metrics.json").read_text())["perplexity"]["wikitext2"]
+    assert math.isfinite(dense) and 20 < dense < 200
+    out_dir = tmp_path / "pruned"
+    main(["prune", "--model", "demo", "--layers", "24,25", "--seq_len", "64", "--num_samples", "4", "--output_dir", str(out_dir)])
+    capsys.readouterr()
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["after"]["num_layers"] == 28
+    assert metrics["before"]["num_parameters"] - metrics["after"]["num_parameters"] == 2 * 3_540_096
+    script = (
+        "from transformers import AutoModelForCausalLM, AutoTokenizer;"
+        f"p = {str(out_dir / 'model')!r}; m = AutoModelForCausalLM.from_pretrained(p); t = AutoTokenizer.from_pretrained(p);"
+        "ids = t('The capital of France is', return_tensors='pt').input_ids;"
+        "out = m.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True);"
+        "print(m.config.num_hidden_layers, out.shape[1] - ids.shape[1])"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.split()[-2:] == ["28", "6"]
