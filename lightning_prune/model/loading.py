@@ -54,6 +54,16 @@ def resolve_model_source(name: str) -> ModelSource:
     return ModelSource(name)
 
 
+def _as_plain_model(model) -> None:
+    """Forget the GGUF "quantizer": its weights are already dequantised, so the model is a
+    plain dense model that ``save_pretrained`` must write as such."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def load_config(name: str, *, trust_remote_code: bool = False):
     """Load and check the config of a model: the family must be supported."""
     source = resolve_model_source(name)
@@ -104,6 +114,8 @@ def load_model(
         quantization_config=quantization_config,
         **source.kwargs(),
     )
+    if source.gguf_file:
+        _as_plain_model(model)
     if quantization_config is None:
         model.to(device)
     model.eval()
