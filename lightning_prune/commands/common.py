@@ -68,5 +68,9 @@ class EvaluationData:
 
 
 def run_record(settings: dict, **values) -> dict:
-    """A ``metrics.json`` body: measured values, then every setting and package versions."""
-    return {**values, "settings": settings, "versions": package_versions()}
+    """A ``metrics.json`` body: measured values, then every setting and package versions.
+
+    ``seed`` is always recorded; ``None`` means the run drew nothing at random (evaluation
+    takes the first blocks of a split).
+    """
+    return {**values, "settings": {"seed": None, **settings}, "versions": package_versions()}

@@ -8,6 +8,7 @@ generator.
 """
 
 import json
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 
 from lightning_prune.errors import InputError, MissingInputError
 
-__all__ = ["NAMED_CORPORA", "SPLITS", "corpus_file", "data_key", "read_text", "tokenize_text", "token_blocks", "load_blocks"]
+__all__ = ["NAMED_CORPORA", "SPLITS", "corpus_file", "data_key", "iter_jsonl", "read_text", "tokenize_text", "token_blocks", "load_blocks"]
 
 SPLITS = ("test", "validation")
 NAMED_CORPORA = {
@@ -37,8 +38,8 @@ def data_key(source: str) -> str:
     return source if source in NAMED_CORPORA else Path(source).stem or source
 
 
-def _read_jsonl(path: Path, field: str) -> str:
-    texts = []
+def iter_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    """Yield ``("file:line", record)`` for each non-blank line of a jsonl file."""
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -47,9 +48,17 @@ def _read_jsonl(path: Path, field: str) -> str:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise InputError(f"{path}:{number} is not valid JSON ({error.msg}); expected one object per line") from error
-            if field not in record:
-                raise InputError(f"{path}:{number} has no {field!r} field; each line needs a {field!r} string")
-            texts.append(str(record[field]))
+            if not isinstance(record, dict):
+                raise InputError(f"{path}:{number} is not a JSON object; expected one object per line")
+            yield f"{path}:{number}", record
+
+
+def _read_jsonl(path: Path, field: str) -> str:
+    texts = []
+    for where, record in iter_jsonl(path):
+        if field not in record:
+            raise InputError(f"{where} has no {field!r} field; each line needs a {field!r} string")
+        texts.append(str(record[field]))
     return "\n\n".join(texts)
 
 
