@@ -8,6 +8,7 @@ stderr and exit code 2.
 """
 
 import json
+import logging
 import sys
 from collections.abc import Callable
 
@@ -18,6 +19,9 @@ from lightning_prune.errors import InputError
 __all__ = ["main", "lightning_main", "build_parser"]
 
 PROG = "lightning-prune"
+# bitsandbytes announces on import that an optional CPU kernel package is absent; its
+# fallback kernels are used and the notice is not an error of the user's run.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -49,14 +53,29 @@ def build_parser(commands: dict[str, Callable]) -> ArgumentParser:
     return parser
 
 
+def _input_error_in_chain(error: BaseException) -> InputError | None:
+    """The :class:`InputError` behind an exception, if any (jsonargparse wraps the ones
+    raised while it instantiates classes from a YAML)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, InputError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def lightning_main(args: list[str] | None = None) -> None:
     """Run the LightningCLI (``fit``/``validate``/``test``) with our modules and callbacks."""
     from lightning_prune.lightning_cli import PruneCLI
 
     try:
         PruneCLI(args=args)
-    except InputError as error:
-        _fail(str(error))
+    except Exception as error:
+        cause = _input_error_in_chain(error)
+        if cause is None:
+            raise
+        _fail(str(cause))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,6 +27,7 @@ __all__ = [
     "one_shot",
     "contiguous_block",
     "iterative",
+    "score_dict",
 ]
 
 SELECTIONS = ("one_shot", "iterative", "contiguous")
@@ -69,6 +70,11 @@ def removal_count(num_layers: int, *, count: int | None = None, ratio: float | N
             raise InputError(f"ratio={ratio} is outside (0, 1); give the fraction of layers to remove, e.g. 0.25")
         count = max(1, round(ratio * num_layers))
     limit = num_layers - protected - 1
+    if limit < 1:
+        raise InputError(
+            f"the model has {num_layers} layers and {protected} are protected, leaving none to remove; "
+            "lower --protect_first / --protect_last"
+        )
     if not 1 <= count <= limit:
         raise InputError(
             f"num_layers={count} must be in 1..{limit}: the model has {num_layers} layers of which {protected} are protected"
@@ -108,7 +114,8 @@ def contiguous_block(scores: torch.Tensor, count: int, protected: Sequence[int] 
     return list(range(best, best + count))
 
 
-def _score_dict(scores: torch.Tensor, original: Sequence[int]) -> dict[int, float | None]:
+def score_dict(scores: torch.Tensor, original: Sequence[int]) -> dict[int, float | None]:
+    """Scores keyed by original layer index (``None`` for unscored layers)."""
     return {original[i]: (None if math.isnan(v) else v) for i, v in enumerate(scores.tolist())}
 
 
@@ -138,7 +145,7 @@ def iterative(
         candidates = [p for p in range(len(original)) if p not in protected]
         scores = score(candidates)
         position = one_shot(scores, 1, protected)[0]
-        steps.append(Step([original[position]], _score_dict(scores, original)))
+        steps.append(Step([original[position]], score_dict(scores, original)))
         remove(position)
         del original[position]
     return steps

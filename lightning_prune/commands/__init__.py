@@ -2,12 +2,20 @@
 
 from lightning_prune.commands.demo import demo
 from lightning_prune.commands.evaluate import evaluate
+from lightning_prune.commands.merge import merge
 from lightning_prune.commands.prune import prune
+from lightning_prune.commands.relevance import relevance
+from lightning_prune.commands.score import score
+from lightning_prune.commands.sparsify import sparsify
 
 COMMANDS = {
     "evaluate": evaluate,
     "prune": prune,
+    "merge": merge,
+    "sparsify": sparsify,
     "demo": demo,
+    "score": score,
+    "relevance": relevance,
 }
 
 __all__ = ["COMMANDS"]

@@ -1,6 +1,7 @@
-"""``lightning-prune evaluate``: perplexity of a model on text data."""
+"""``lightning-prune evaluate``: perplexity of a model on text data, optional multiple-choice accuracy (lm-eval)."""
 
 from lightning_prune.commands.common import EvaluationData, load_checked_model, run_record, split_names
+from lightning_prune.evaluation.harness import check_task_options, evaluate_tasks, resolve_tasks
 from lightning_prune.results import RunDirectory
 
 __all__ = ["evaluate"]
@@ -16,8 +17,12 @@ def evaluate(
     device: str = "cpu",
     output_dir: str | None = None,
     overwrite: bool = False,
+    tasks: str | None = None,
+    task_dir: str | None = None,
+    limit: int | None = None,
+    num_fewshot: int = 0,
 ) -> dict:
-    """Measure perplexity on the first ``num_samples`` blocks of each data source.
+    """Measure perplexity on the first ``num_samples`` blocks of each data source, and task accuracy.
 
     Args:
         model: 'demo', a Hugging Face Hub id, a local model directory or a .gguf file.
@@ -29,15 +34,27 @@ def evaluate(
         device: e.g. cpu, cuda, cuda:1.
         output_dir: where to write metrics.json (optional).
         overwrite: replace results already in output_dir.
+        tasks: comma-separated multiple-choice tasks for lm-eval (arc_easy, piqa, boolq, or stems of files in task_dir).
+        task_dir: directory of <task>.jsonl files with query/choices/gold per line.
+        limit: evaluate the first limit items of each task (default: all).
+        num_fewshot: in-context examples per task question.
     """
     settings = dict(locals())
     run = RunDirectory(output_dir, overwrite) if output_dir else None
     if run:
         run.check()
+    task_names = split_names(tasks or "")
+    if task_names:
+        check_task_options(limit, num_fewshot)
+        resolve_tasks(task_names, task_dir)
     lm, tokenizer = load_checked_model(model, dtype=dtype, device=device, seq_len=seq_len)
     evaluation = EvaluationData(tokenizer, split_names(data), seq_len=seq_len, num_samples=num_samples)
     settings["data_files"] = evaluation.files
-    record = run_record(settings, **evaluation.evaluate(lm, batch_size=batch_size))
+    values = evaluation.evaluate(lm, batch_size=batch_size)
+    if task_names:
+        accuracy = evaluate_tasks(lm, tokenizer, task_names, task_dir=task_dir, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
+        values["tasks"], settings["harness"] = accuracy["tasks"], accuracy["settings"]
+    record = run_record(settings, **values)
     if run:
         run.write_json("metrics.json", record)
     return record

@@ -5,13 +5,13 @@ the context is ``query`` and each continuation is ``" " + choice`` (target delim
 so accuracies computed here follow the lm-eval loglikelihood protocol (002 App. C.1).
 """
 
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
 
+from lightning_prune.data.text import iter_jsonl
 from lightning_prune.errors import InputError, MissingInputError
 
 __all__ = [
@@ -59,7 +59,7 @@ def task_file(name_or_path: str) -> Path:
 
 
 def _parse_item(record, where: str) -> MultipleChoiceItem:
-    missing = [key for key in ("query", "choices", "gold") if not isinstance(record, dict) or key not in record]
+    missing = [key for key in ("query", "choices", "gold") if key not in record]
     if missing:
         raise InputError(f"{where} lacks field {missing[0]!r}; each line needs 'query', 'choices' and 'gold'")
     choices = record["choices"]
@@ -75,17 +75,10 @@ def load_task(path_or_name: str, limit: int | None = None) -> list[MultipleChoic
     """Read a task (bundled name or jsonl path); ``limit`` keeps the first items."""
     path = task_file(path_or_name)
     items = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise InputError(f"{path}:{number} is not valid JSON ({error.msg}); expected one object per line") from error
-            items.append(_parse_item(record, f"{path}:{number}"))
-            if limit is not None and len(items) >= limit:
-                break
+    for where, record in iter_jsonl(path):
+        items.append(_parse_item(record, where))
+        if limit is not None and len(items) >= limit:
+            break
     if not items:
         raise InputError(f"task file {str(path)!r} has no items; add lines with 'query', 'choices' and 'gold'")
     return items

@@ -30,7 +30,6 @@ METRICS = {
 }
 ALIASES = {"bi": "block_influence", "cl": "contiguous", "ppl": "removal_perplexity", "mag": "magnitude"}
 DEFAULT_PROTECTION = {"magnitude": (4, 2), "taylor": (4, 2)}
-DATA_FREE = ("magnitude", "random")
 
 
 def metric_name(name: str) -> str:

@@ -104,14 +104,20 @@ def trainable_layers(model: nn.Module) -> Iterator[list[list[nn.Parameter]]]:
 
 @contextmanager
 def without_layers(model: nn.Module, skip: Sequence[int]) -> Iterator[nn.Module]:
-    """Temporarily run the model without the decoder layers at ``skip`` (naive reference path)."""
-    anatomy = Anatomy(model)
-    original = list(anatomy.layers)
+    """Temporarily run the model without the layers at ``skip`` (naive path); config lists follow."""
+    anatomy, config = Anatomy(model), model.config
+    original, types, depth = list(anatomy.layers), getattr(config, "layer_types", None), config.num_hidden_layers
     anatomy.set_layers([layer for i, layer in enumerate(original) if i not in set(skip)])
+    config.num_hidden_layers = len(anatomy.layers)
+    if isinstance(types, list):
+        config.layer_types = [kind for i, kind in enumerate(types) if i not in set(skip)]
     try:
         yield model
     finally:
         anatomy.set_layers(original)
+        config.num_hidden_layers = depth
+        if isinstance(types, list):
+            config.layer_types = types
 
 
 SelectPositions = Callable[[torch.Tensor, int], torch.Tensor]
@@ -129,27 +135,32 @@ def removal_outputs(
     select: SelectPositions = _all_positions,
     desc: str = "removal",
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """For each candidate ``j`` and batch ``b``: fp32 logits of the model without layer ``j``.
+    """For each batch ``b`` and candidate ``j``: fp32 logits of the model without layer ``j``.
 
     With ``options.prefix_reuse`` the hidden states entering the first candidate are captured
-    once (:func:`capture_layer_inputs`) and only the suffix runs per candidate; otherwise the
-    whole model runs per candidate (the naive reference). ``select(tensor, b)`` slices the
-    positions needed (dim 1) before the LM head, so logits are (B, T', V).
+    once per batch (:func:`capture_layer_inputs`); walking down the stack, the full model's
+    hidden state entering each candidate ``j`` is exactly what the model without ``j`` feeds
+    to layer ``j + 1``, so only the suffix ``j + 1 ..`` runs per candidate. Otherwise the whole
+    model runs per candidate (the naive reference). ``select(tensor, b)`` slices the positions
+    needed (dim 1) before the LM head, so logits are (B, T', V).
 
     Yields:
-        ``(j, b, logits)`` in candidate-major order.
+        ``(j, b, logits)`` for every batch and candidate.
     """
     anatomy = Anatomy(model)
     candidates = options.positions(anatomy.num_layers)
     device = next(model.parameters()).device
-    inputs = capture_layer_inputs(model, batches, candidates[0]) if options.prefix_reuse else None
-    for j in tqdm(candidates, desc=desc, disable=not options.progress, leave=False):
-        for b, batch in enumerate(batches):
-            if inputs is not None:
-                positions = [p for p in range(inputs.start, anatomy.num_layers) if p != j]
-                hidden = run_layers(model, inputs.hidden[b].to(device), inputs.kwargs[b], positions)
-                yield j, b, anatomy.head(select(hidden, b)).float()
-            else:
+    for b, batch in enumerate(tqdm(batches, desc=desc, disable=not options.progress, leave=False)):
+        if not options.prefix_reuse:
+            for j in candidates:
                 with without_layers(model, [j]):
                     logits = model(input_ids=batch.to(device), use_cache=False).logits
                 yield j, b, select(logits, b).float()
+            continue
+        inputs = capture_layer_inputs(model, [batch], candidates[0])
+        hidden, kwargs = inputs.hidden[0].to(device), inputs.kwargs[0]
+        for position in range(candidates[0], candidates[-1] + 1):
+            if position in candidates:
+                output = run_layers(model, hidden, kwargs, range(position + 1, anatomy.num_layers))
+                yield position, b, anatomy.head(select(output, b)).float()
+            hidden = run_layers(model, hidden, kwargs, [position])

@@ -43,17 +43,18 @@ __all__ = [
 MERGE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def check_merge_support(model: nn.Module) -> None:
+def check_merge_support(model_or_config) -> None:
     """Refuse a family without merge support (OPT: post-norm variants, LayerNorm biases)."""
-    family = getattr(model.config, "model_type", None)
+    config = getattr(model_or_config, "config", model_or_config)
+    family = getattr(config, "model_type", None)
     if family not in MERGE_FAMILIES:
         raise InputError(f"layer merging does not support model type {family!r}; supported: {', '.join(MERGE_FAMILIES)}")
 
 
-def check_merge_options(num_layers: int, depth: int, p: float, rho: float) -> None:
+def check_merge_options(target_depth: int, depth: int, p: float, rho: float) -> None:
     """Validate target depth (1..depth-1), skew exponent p > 0 and minimum retention rho in [0, 1)."""
-    if not 1 <= num_layers < depth:
-        raise InputError(f"num_layers {num_layers} is not a smaller depth of this {depth}-layer model; choose 1..{depth - 1}")
+    if not 1 <= target_depth < depth:
+        raise InputError(f"target depth {target_depth} is not a smaller depth of this {depth}-layer model; choose 1..{depth - 1}")
     if not p > 0:
         raise InputError(f"p {p} must be > 0 (1 for Llama-like models, 32 for Qwen2.5, inf keeps only the top layer)")
     if not 0 <= rho < 1:

@@ -9,25 +9,32 @@ from lightning_prune.errors import InputError
 from lightning_prune.merging.come import check_merge_options, check_merge_support, concat_merge, sum_merge
 from lightning_prune.merging.posterior import posterior_ratios
 from lightning_prune.merging.progressive import MergeRecord, heuristic_ratios, progressive_merge
-from lightning_prune.model.anatomy import Anatomy
 
 __all__ = ["MERGE_METHODS", "check_merge_request", "merge_model"]
 
 MERGE_METHODS = ("come", "come_p", "sum")
 
 
-def check_merge_request(model: nn.Module, method: str, num_layers: int, p: float, rho: float) -> None:
-    """Validate everything about a merge request before any calibration work."""
+def _check_method(method: str) -> None:
     if method not in MERGE_METHODS:
         raise InputError(f"merge method {method!r} is not known; choose one of {', '.join(MERGE_METHODS)}")
-    check_merge_support(model)
-    check_merge_options(num_layers, Anatomy(model).num_layers, p, rho)
+
+
+def check_merge_request(config, method: str, num_layers: int, p: float, rho: float) -> int:
+    """Validate a request to merge away ``num_layers`` layers (before weights load); return the target depth."""
+    _check_method(method)
+    check_merge_support(config)
+    depth = config.num_hidden_layers
+    if not 1 <= num_layers < depth:
+        raise InputError(f"num_layers {num_layers} (layers to merge away) must be in 1..{depth - 1} for this {depth}-layer model")
+    check_merge_options(depth - num_layers, depth, p, rho)
+    return depth - num_layers
 
 
 def merge_model(
     model: nn.Module,
     batches: Sequence[torch.Tensor],
-    num_layers: int,
+    target_depth: int,
     *,
     method: str = "come",
     p: float = 1.0,
@@ -36,12 +43,12 @@ def merge_model(
     grid: int = 20,
     progress: bool = True,
 ) -> MergeRecord:
-    """Merge ``model`` in place down to ``num_layers`` layers.
+    """Merge ``model`` in place down to ``target_depth`` layers.
 
     Args:
         model: a supported causal LM.
         batches: calibration token ids, each (B, T).
-        num_layers: target depth.
+        target_depth: depth after merging (1..depth-1).
         method: ``come`` (Alg. 1), ``come_p`` (Alg. 2, grid search) or ``sum`` (weight average
             with CoMe's ratios).
         p: skew exponent of the ratios (come, sum).
@@ -50,8 +57,10 @@ def merge_model(
         grid: CoMe-P grid size n (n + 1 candidates).
         progress: show progress bars.
     """
-    check_merge_request(model, method, num_layers, p, rho)
+    _check_method(method)
+    check_merge_support(model)
+    check_merge_options(target_depth, model.config.num_hidden_layers, p, rho)
     batches = list(batches)
     rule = posterior_ratios(batches, grid, progress=progress) if method == "come_p" else heuristic_ratios(p, rho)
     combine = sum_merge if method == "sum" else concat_merge
-    return progressive_merge(model, batches, num_layers, ratio_rule=rule, combine=combine, remerge=remerge, progress=progress)
+    return progressive_merge(model, batches, target_depth, ratio_rule=rule, combine=combine, remerge=remerge, progress=progress)

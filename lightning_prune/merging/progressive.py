@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lightning_prune.capture import layer_type
 from lightning_prune.errors import InputError
 from lightning_prune.merging.come import check_merge_options, check_merge_support, concat_merge, retention_ratios
 from lightning_prune.merging.statistics import LayerStatistics, calibration_statistics
@@ -81,15 +82,25 @@ def layer_mapping(groups: Sequence[Sequence[int]]) -> list[MappedLayer]:
     return [MappedLayer(b, min(g), max(g)) for b, g in enumerate(groups) if len(g) > 1]
 
 
-def choose_window(window_influence: torch.Tensor, groups: Sequence[Sequence[int]], remerge: bool) -> int:
-    """Start of the two-layer window with the smallest SBI; without ``remerge`` merged layers are excluded."""
+def choose_window(
+    window_influence: torch.Tensor, groups: Sequence[Sequence[int]], remerge: bool, layer_types: Sequence[str] | None = None
+) -> int:
+    """Start of the two-layer window with the smallest SBI.
+
+    Windows mixing attention types (sliding / full) are excluded, as are windows touching an
+    already merged layer when ``remerge`` is off.
+    """
     scores = window_influence.clone().float()
+    if layer_types is not None:
+        for index in range(len(scores)):
+            if layer_types[index] != layer_types[index + 1]:
+                scores[index] = float("inf")
     if not remerge:
         for index, group in enumerate(groups):
             if len(group) > 1:
                 scores[max(index - 1, 0) : index + 1] = float("inf")
     if not torch.isfinite(scores).any():
-        raise InputError("no two adjacent layers are left that were not merged before; pass remerge true or a larger num_layers")
+        raise InputError("no two adjacent layers of one attention type are left to merge; pass remerge true or merge fewer layers")
     return int(scores.argmin())
 
 
@@ -107,19 +118,19 @@ def check_groups(groups: Sequence[Sequence[int]], depth: int) -> list[list[int]]
 def progressive_merge(
     model: nn.Module,
     batches: Sequence[torch.Tensor],
-    num_layers: int,
+    target_depth: int,
     *,
     ratio_rule: RatioRule | None = None,
     combine: Callable = concat_merge,
     remerge: bool = True,
     progress: bool = True,
 ) -> MergeRecord:
-    """Merge two adjacent layers at a time until the model has ``num_layers`` layers (Alg. 1 / 2).
+    """Merge two adjacent layers at a time until the model has ``target_depth`` layers (Alg. 1 / 2).
 
     Args:
         model: a supported causal LM, changed in place.
         batches: calibration token ids, each (B, T).
-        num_layers: target depth L, in 1..depth-1.
+        target_depth: target depth L, in 1..depth-1.
         ratio_rule: picks the window's retention ratios (default: CoMe heuristic, p=1, rho=0).
         combine: ``concat_merge`` (CoMe) or ``sum_merge`` (weight-average baseline).
         remerge: allow a merged layer to be merged again (the authors' ``--wo-repeat`` is ``False``).
@@ -130,12 +141,13 @@ def progressive_merge(
     """
     check_merge_support(model)
     anatomy = Anatomy(model)
-    check_merge_options(num_layers, anatomy.num_layers, 1.0, 0.0)
+    check_merge_options(target_depth, anatomy.num_layers, 1.0, 0.0)
     rule = ratio_rule or heuristic_ratios()
     record = MergeRecord(groups=[[i] for i in range(anatomy.num_layers)])
-    for _ in tqdm(range(anatomy.num_layers - num_layers), desc="merge", disable=not progress):
+    for _ in tqdm(range(anatomy.num_layers - target_depth), desc="merge", disable=not progress):
         stats = calibration_statistics(model, batches, progress=progress)
-        start = choose_window(stats.window_influence, record.groups, remerge)
+        types = [layer_type(model, i) for i in range(len(record.groups))]
+        start = choose_window(stats.window_influence, record.groups, remerge, types)
         ratios = rule(model, start, stats)
         window = list(anatomy.layers[start : start + 2])
         merged = combine(model, window, ratios, stats.attention[start : start + 2], stats.ffn[start : start + 2])

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lightning_prune.capture import capture
+from lightning_prune.merging.distill import layer_outputs
 from lightning_prune.model.anatomy import Anatomy
 
 __all__ = ["LayerStatistics", "calibration_statistics", "attention_sensitivity", "ffn_sensitivity", "token_cosine"]
@@ -113,7 +114,7 @@ def calibration_statistics(model: nn.Module, batches: Iterable[torch.Tensor], *,
     try:
         for batch in tqdm(list(batches), desc="calibration", disable=not progress, leave=False):
             with capture(model) as record:
-                model(input_ids=batch.to(device), use_cache=False)
+                layer_outputs(model, batch.to(device), [depth - 1])  # stops before the final norm and LM head
             tokens += batch.numel()
             for index in range(depth):
                 same_layer[index] += token_cosine(record.inputs[index][0], record.outputs[index][0]).cpu()

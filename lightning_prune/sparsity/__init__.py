@@ -4,23 +4,24 @@
 - :mod:`.allocation`: uniform / OWL / DLP per-layer sparsity (003 Eq. 5-6, Algorithm 1).
 - :mod:`.nm`: N:M patterns and DLP's mixed N:M; :mod:`.masks`: exact-count masks, apply/measure.
 - :mod:`.sequential`: the layer-by-layer calibration loop, :func:`sparsify`.
-- :mod:`.training`: keep pruned weights at zero while fine-tuning.
 """
 
 from lightning_prune.sparsity.allocation import ALLOCATIONS, DEFAULT_ALPHA, allocate, check_allocation, layer_statistic
 from lightning_prune.sparsity.masks import (
     NMPattern,
     apply_masks,
+    mask_gradients,
     masks_from_model,
     measure_sparsity,
     nm_keep_mask,
     prunable_linears,
     row_counts,
     topk_keep_mask,
+    unwrap_model,
 )
-from lightning_prune.sparsity.nm import check_widths, mixed_patterns, parse_pattern
+from lightning_prune.sparsity.nm import check_mixed, check_widths, mixed_patterns, parse_pattern, resolve_sparsity
 from lightning_prune.sparsity.scores import METHODS, InputStatistics, magnitude_scores, wanda_scores
-from lightning_prune.sparsity.sequential import SparsityResult, check_method, prune_linear, sparsify
+from lightning_prune.sparsity.sequential import SparsityResult, allocation_statistics, check_method, prune_linear, sparsify
 from lightning_prune.sparsity.sparsegpt import sparsegpt_prune
 
 __all__ = [
@@ -31,12 +32,15 @@ __all__ = [
     "NMPattern",
     "SparsityResult",
     "allocate",
+    "allocation_statistics",
     "apply_masks",
     "check_allocation",
     "check_method",
+    "check_mixed",
     "check_widths",
     "layer_statistic",
     "magnitude_scores",
+    "mask_gradients",
     "masks_from_model",
     "measure_sparsity",
     "mixed_patterns",
@@ -44,9 +48,11 @@ __all__ = [
     "parse_pattern",
     "prunable_linears",
     "prune_linear",
+    "resolve_sparsity",
     "row_counts",
     "sparsegpt_prune",
     "sparsify",
     "topk_keep_mask",
+    "unwrap_model",
     "wanda_scores",
 ]

@@ -19,7 +19,9 @@ __all__ = [
     "nm_keep_mask",
     "base_linear",
     "prunable_linears",
+    "unwrap_model",
     "apply_masks",
+    "mask_gradients",
     "masks_from_model",
     "measure_sparsity",
 ]
@@ -91,7 +93,8 @@ def base_linear(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a peft wrapper (its LoRA layers stay injected), else ``model``."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -100,7 +103,7 @@ def prunable_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
     Embeddings and ``lm_head`` are never included. A peft-wrapped model yields its base layers.
     """
-    anatomy = Anatomy(_unwrap(model))
+    anatomy = Anatomy(unwrap_model(model))
     for index, layer in enumerate(anatomy.layers):
         for role, linear in anatomy.linears(layer).items():
             yield f"layers.{index}.{role}", base_linear(linear)
@@ -113,6 +116,16 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     for name, mask in masks.items():
         weight = linears[name].weight
         weight.mul_(mask.to(device=weight.device, dtype=weight.dtype))
+
+
+@torch.no_grad()
+def mask_gradients(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero the gradients of pruned weights (in place), so optimizer moments stay zero there."""
+    linears = dict(prunable_linears(model))
+    for name, mask in masks.items():
+        grad = linears[name].weight.grad
+        if grad is not None:
+            grad.mul_(mask.to(device=grad.device, dtype=grad.dtype))
 
 
 def masks_from_model(model: nn.Module) -> dict[str, torch.Tensor]:

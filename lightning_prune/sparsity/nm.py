@@ -12,9 +12,20 @@ import math
 from torch import nn
 
 from lightning_prune.errors import InputError
+from lightning_prune.model.anatomy import family_spec
 from lightning_prune.sparsity.masks import NMPattern, prunable_linears
 
-__all__ = ["parse_pattern", "check_widths", "mixed_patterns"]
+__all__ = [
+    "DEFAULT_SPARSITY",
+    "parse_pattern",
+    "resolve_sparsity",
+    "check_mixed",
+    "config_widths",
+    "check_widths",
+    "mixed_patterns",
+]
+
+DEFAULT_SPARSITY = 0.5
 
 
 def parse_pattern(text: str | None) -> NMPattern | None:
@@ -30,13 +41,46 @@ def parse_pattern(text: str | None) -> NMPattern | None:
     return NMPattern(n, m)
 
 
-def check_widths(model: nn.Module, pattern: NMPattern) -> None:
-    """Every prunable linear's input width must be divisible by ``M``."""
-    for name, linear in prunable_linears(model):
-        if linear.in_features % pattern.m:
+def resolve_sparsity(sparsity: float | None, pattern: NMPattern | None) -> float:
+    """The target sparsity: ``1 − N/M`` for N:M (a different explicit value is an error), else the given one."""
+    if pattern is None:
+        return DEFAULT_SPARSITY if sparsity is None else float(sparsity)
+    if sparsity is not None and abs(float(sparsity) - pattern.sparsity) > 1e-9:
+        raise InputError(
+            f"sparsity={sparsity} contradicts structure {pattern} (sparsity {pattern.sparsity:g}); "
+            "leave sparsity unset or make it match"
+        )
+    return pattern.sparsity
+
+
+def check_mixed(pattern: NMPattern) -> None:
+    """Mixed N:M moves some layers below N and others above it, so it needs ``2 <= N <= M − 2``."""
+    if not 2 <= pattern.n <= pattern.m - 2:
+        raise InputError(
+            f"mixed {pattern} cannot vary N per layer within 1..{pattern.m - 1} while keeping the mean at {pattern.n}; "
+            "use allocation uniform or a pattern with 2 <= N <= M-2 (e.g. 2:4, 4:8)"
+        )
+
+
+def config_widths(config) -> dict[str, int]:
+    """Input widths of the prunable projections, read from a model config (before loading weights)."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    intermediate = getattr(config, family_spec(config).intermediate_size_key)
+    return {"q/k/v/gate/up": config.hidden_size, "o_proj": heads * head_dim, "down_proj": intermediate}
+
+
+def check_widths(model_or_config, pattern: NMPattern) -> None:
+    """Every prunable linear's input width (from a model or its config) must be divisible by ``M``."""
+    if isinstance(model_or_config, nn.Module):
+        widths = {name: linear.in_features for name, linear in prunable_linears(model_or_config)}
+    else:
+        widths = config_widths(model_or_config)
+    for name, width in widths.items():
+        if width % pattern.m:
             raise InputError(
                 f"structure {pattern} needs input widths divisible by {pattern.m}, but {name} has "
-                f"{linear.in_features}; choose M dividing {linear.in_features}"
+                f"{width}; choose M dividing {width}"
             )
 
 

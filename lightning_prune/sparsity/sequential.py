@@ -21,12 +21,12 @@ from lightning_prune.capture import LayerInputs, capture_layer_inputs, run_layer
 from lightning_prune.errors import InputError
 from lightning_prune.model.anatomy import Anatomy
 from lightning_prune.sparsity.allocation import allocate, check_allocation, layer_statistic
-from lightning_prune.sparsity.masks import NMPattern, base_linear, nm_keep_mask, row_counts, topk_keep_mask
-from lightning_prune.sparsity.nm import check_widths, mixed_patterns
+from lightning_prune.sparsity.masks import NMPattern, base_linear, nm_keep_mask, row_counts, topk_keep_mask, unwrap_model
+from lightning_prune.sparsity.nm import check_mixed, check_widths, mixed_patterns
 from lightning_prune.sparsity.scores import METHODS, InputStatistics, collect_statistics, magnitude_scores, wanda_scores
 from lightning_prune.sparsity.sparsegpt import sparsegpt_prune
 
-__all__ = ["SparsityResult", "check_method", "prune_linear", "sparsify"]
+__all__ = ["SparsityResult", "allocation_statistics", "check_method", "prune_linear", "sparsify"]
 
 
 @dataclass
@@ -76,18 +76,29 @@ def _linears(anatomy: Anatomy, position: int) -> dict[str, nn.Module]:
     return {role: base_linear(module) for role, module in anatomy.linears(anatomy.layers[position]).items()}
 
 
-def _allocation_statistics(model, inputs: LayerInputs, allocation: str, progress: bool) -> list[float]:
+def _allocation_statistics(model, inputs: LayerInputs, allocations, progress: bool) -> dict[str, list[float]]:
     """Dense pass: each layer's statistic of its concatenated Wanda scores (003 Algorithm 1 lines 4–5)."""
     anatomy = Anatomy(model)
-    values = []
+    values = {allocation: [] for allocation in allocations}
     hidden = inputs.hidden
     for position in tqdm(range(anatomy.num_layers), desc="layer statistics", disable=not progress, leave=False):
         linears = _linears(anatomy, position)
         with collect_statistics(linears, hessian=False) as stats:
             hidden = _run_layer(model, position, LayerInputs(position, hidden, inputs.kwargs))
         scores = torch.cat([wanda_scores(linear.weight, stats[role]).flatten() for role, linear in linears.items()])
-        values.append(layer_statistic(allocation, scores))
+        for allocation in allocations:
+            values[allocation].append(layer_statistic(allocation, scores))
     return values
+
+
+@torch.no_grad()
+def allocation_statistics(
+    model: nn.Module, blocks: torch.Tensor, allocations=("owl", "dlp"), *, batch_size: int = 8, progress: bool = True
+) -> dict[str, list[float]]:
+    """Per allocation, the per-layer statistics of the dense model (reusable across methods and targets)."""
+    model = unwrap_model(model)
+    inputs = capture_layer_inputs(model, blocks.split(batch_size), 0)
+    return _allocation_statistics(model, inputs, allocations, progress)
 
 
 def _targets(result: SparsityResult, pattern: NMPattern | None, allocation: str) -> list[float | NMPattern]:
@@ -133,12 +144,13 @@ def sparsify(
     batch_size: int = 8,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    statistics: list[float] | None = None,
     progress: bool = True,
 ) -> SparsityResult:
     """Prune every q/k/v/o/gate/up/down projection of the decoder in place.
 
     Args:
-        model: a supported causal LM (embeddings and lm_head are left dense).
+        model: a supported causal LM, possibly peft-wrapped (embeddings and lm_head are left dense).
         blocks: calibration token ids (N, T); ``None`` only for magnitude with uniform allocation.
         method: magnitude, wanda or sparsegpt.
         allocation: uniform, owl or dlp.
@@ -147,24 +159,33 @@ def sparsify(
         pattern: N:M pattern; with owl/dlp each layer gets its own N (mixed N:M).
         batch_size: calibration blocks per forward.
         blocksize / percdamp: SparseGPT's lazy-update block and dampening.
+        statistics: precomputed per-layer statistics for owl/dlp (:func:`allocation_statistics`).
         progress: show progress bars.
     """
     check_method(method)
+    model = unwrap_model(model)
     sparsity = pattern.sparsity if pattern else sparsity
     alpha = check_allocation(allocation, sparsity, alpha)
     if pattern:
         check_widths(model, pattern)
-    needs_data = method != "magnitude" or allocation != "uniform"
+        if allocation != "uniform":
+            check_mixed(pattern)
+    needs_data = method != "magnitude" or (allocation != "uniform" and statistics is None)
     if needs_data and blocks is None:
         raise InputError(f"method {method!r} with allocation {allocation!r} needs calibration data")
     was_training = model.training
     model.eval()
     inputs = capture_layer_inputs(model, blocks.split(batch_size), 0) if needs_data else None
     num_layers = Anatomy(model).num_layers
-    statistics = _allocation_statistics(model, inputs, allocation, progress) if allocation != "uniform" else None
+    if allocation == "uniform":
+        statistics = None
+    elif statistics is None:
+        statistics = _allocation_statistics(model, inputs, [allocation], progress)[allocation]
+    elif len(statistics) != num_layers:
+        raise InputError(f"{len(statistics)} layer statistics given for a model with {num_layers} layers")
     result = SparsityResult(allocate(allocation, statistics or [0.0] * num_layers, sparsity, alpha), statistics)
     targets = _targets(result, pattern, allocation)
     options = {"blocksize": blocksize, "percdamp": percdamp} if method == "sparsegpt" else {}
-    _prune_layers(model, inputs, method, targets, result.masks, progress, options)
+    _prune_layers(model, inputs if method != "magnitude" else None, method, targets, result.masks, progress, options)
     model.train(was_training)
     return result

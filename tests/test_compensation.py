@@ -1,0 +1,128 @@
+"""Compensation: folded weights equal the run-time operation; refusals where folding is not exact."""
+
+import pytest
+import torch
+from conftest import make_tiny_model, random_ids
+from transformers import AutoModelForCausalLM, OPTConfig
+
+from lightning_prune.compensation import make_compensation
+from lightning_prune.compensation.magnitude import fold_residual_scale, magnitude_gain
+from lightning_prune.compensation.projection import fold_projection, reconstruction_data
+from lightning_prune.errors import InputError
+from lightning_prune.importance import ScoringOptions
+from lightning_prune.model.anatomy import Anatomy
+from lightning_prune.model.surgery import remove_layers
+from lightning_prune.pruning import prune_layers
+
+IDS = random_ids(2, 16, seed=7)
+BLOCKS = random_ids(6, 24, seed=3)
+OPTIONS = ScoringOptions(progress=False, batch_size=3)
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS, use_cache=False).logits
+
+
+def zero_norm_eps(model) -> None:
+    """Norm eps = 0 makes norm(αh) = norm(h) exact, so only float rounding remains."""
+    for module in model.modules():
+        for name in ("variance_epsilon", "eps"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
+def scaled_input(position: int, alpha: float):
+    def hook(module, args, kwargs):
+        if args:
+            return (args[0] * alpha, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * alpha}
+
+    return position, hook
+
+
+@pytest.mark.parametrize("family", ["llama", "llama_tied", "qwen2_sliding", "qwen3", "opt"])
+def test_folded_magnitude_scale_equals_runtime_scale(family):
+    reference, folded = make_tiny_model(family), make_tiny_model(family)
+    for model in (reference, folded):
+        zero_norm_eps(model)
+        remove_layers(model, [3])
+    position, hook = scaled_input(3, 1.37)
+    handle = Anatomy(reference).layers[position].register_forward_pre_hook(hook, with_kwargs=True)
+    expected = logits(reference)
+    handle.remove()
+    fold_residual_scale(folded, 3, 1.37)
+    assert torch.allclose(logits(folded), expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(logits(reference), expected, atol=1e-2)
+    anatomy = Anatomy(folded)
+    assert anatomy.lm_head.weight is not anatomy.embed_tokens.weight and not folded.config.tie_word_embeddings
+
+
+def test_folding_with_real_norm_eps_is_close():
+    reference, folded = make_tiny_model("llama"), make_tiny_model("llama")
+    position, hook = scaled_input(2, 1.2)
+    handle = Anatomy(reference).layers[position].register_forward_pre_hook(hook, with_kwargs=True)
+    expected = logits(reference)
+    handle.remove()
+    fold_residual_scale(folded, 2, 1.2)
+    assert torch.allclose(logits(folded), expected, atol=1e-3, rtol=1e-3)
+
+
+def test_identity_layer_has_unit_magnitude_gain():
+    model = make_tiny_model("qwen2")
+    anatomy = Anatomy(model)
+    with torch.no_grad():
+        anatomy.part(anatomy.layers[2], "o_proj").weight.zero_()
+        anatomy.part(anatomy.layers[2], "down_proj").weight.zero_()
+    assert magnitude_gain(model, BLOCKS, 2, OPTIONS) == pytest.approx(1.0, abs=1e-6)
+    assert magnitude_gain(model, BLOCKS, 3, OPTIONS) > 1.0
+
+
+def test_magnitude_compensation_scales_what_enters_the_gap():
+    model = make_tiny_model("llama")
+    decisions = prune_layers(model, BLOCKS, layers=[3], compensation="magnitude", options=OPTIONS)
+    alpha = decisions["compensation_steps"][0]["alpha"]
+    reference = make_tiny_model("llama")
+    assert alpha == pytest.approx(magnitude_gain(reference, BLOCKS, 3, OPTIONS))
+    assert torch.allclose(Anatomy(model).embed_tokens.weight, Anatomy(reference).embed_tokens.weight * alpha)
+
+
+def test_post_norm_opt_is_refused_before_any_change():
+    config = OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4, do_layer_norm_before=False)
+    model = AutoModelForCausalLM.from_config(config)
+    for name in ("magnitude", "projection"):
+        with pytest.raises(InputError, match="post-norm"):
+            prune_layers(model, BLOCKS, metric="bi", num_layers=1, compensation=name, options=OPTIONS)
+        assert Anatomy(model).num_layers == 4
+
+
+def test_unknown_compensation_lists_the_valid_ones():
+    with pytest.raises(InputError, match="none, magnitude, projection"):
+        make_compensation("affine")
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_folded_projection_equals_runtime_projection(family):
+    reference, folded = make_tiny_model(family), make_tiny_model(family)
+    projection = torch.eye(64) + 0.05 * torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    down = Anatomy(reference).part(Anatomy(reference).layers[2], "down_proj")
+    bias = down.bias if down.bias is not None else 0.0
+    handle = down.register_forward_hook(lambda module, args, output: (output - bias) @ projection.T + bias)
+    expected = logits(reference)
+    handle.remove()
+    fold_projection(folded, 2, projection)
+    assert torch.allclose(logits(folded), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_projection_compensates_the_max_drift_layer_and_lowers_its_reconstruction_loss():
+    original = make_tiny_model("llama")
+    model = make_tiny_model("llama")
+    decisions = prune_layers(model, BLOCKS, layers=[2, 3], compensation="projection", options=OPTIONS)
+    final = decisions["compensation_final"]
+    kept = decisions["kept_layers"]
+    assert kept == [0, 1, 4, 5]
+    assert final["layer"] == kept[max(range(len(kept)), key=final["drift"].__getitem__)]
+    assert final["loss_after"] < 0.9 * final["loss_before"]
+    position = kept.index(final["layer"])
+    y, r = reconstruction_data(original, model, BLOCKS, position, final["layer"], OPTIONS)
+    assert float(torch.nn.functional.mse_loss(y, r)) == pytest.approx(final["loss_after"], rel=1e-3)

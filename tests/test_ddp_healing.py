@@ -1,0 +1,72 @@
+"""Prune + LoRA healing under DDP (2 CPU processes, gloo) agrees with the one-process run.
+
+The test runs this file as a script (``devices`` 1 and 2); Lightning's DDP launcher starts
+the second rank by re-running the same command line. Four training blocks form one global
+batch (4 blocks on one process, 2 + 2 on two ranks), so every step of both runs averages the
+gradient over the same 4 blocks.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve()
+STEPS = 3
+
+
+def train(model_dir: str, devices: int, output: str) -> None:
+    import lightning as L
+
+    from lightning_prune.callbacks.pruning import LayerPruningCallback
+    from lightning_prune.data.datamodule import TextDataModule
+    from lightning_prune.modules.healing import HealingModule
+
+    class Record(L.Callback):
+        losses: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"]))
+
+    torch.set_num_threads(1)
+    L.seed_everything(0)
+    pruning = LayerPruningCallback(metric="block_influence", selection="iterative", num_layers=2, compensation="magnitude")
+    module = HealingModule(model=model_dir, lora_dropout=0.0, learning_rate=1e-2, warmup_steps=0)
+    data = TextDataModule(tokenizer=model_dir, seq_len=32, num_train_samples=4, calibration_samples=4, batch_size=4 // devices)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=STEPS,
+        callbacks=[pruning, Record()], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=data)
+    torch.save({"removed": pruning.decision["removed_layers"], "losses": Record.losses,
+                "state": {k: v.detach().clone() for k, v in module.model.state_dict().items()}},
+               Path(output) / f"rank{trainer.global_rank}.pt")
+
+
+def run(model_dir: Path, devices: int, output: Path) -> list[dict]:
+    output.mkdir()
+    subprocess.run([sys.executable, str(HERE), str(model_dir), str(devices), str(output)], check=True, timeout=300, capture_output=True)
+    return [torch.load(output / f"rank{rank}.pt") for rank in range(devices)]
+
+
+def test_ddp_prunes_alike_and_trains_like_one_process(tiny_dir, tmp_path):
+    (single,) = run(tiny_dir, 1, tmp_path / "one")
+    ranks = run(tiny_dir, 2, tmp_path / "two")
+    assert len(single["removed"]) == 2
+    assert ranks[0]["removed"] == ranks[1]["removed"] == single["removed"]  # same layers on every rank
+    for key, value in ranks[0]["state"].items():  # adapters and (compensated) base identical across ranks
+        torch.testing.assert_close(ranks[1]["state"][key], value, rtol=0, atol=0, msg=key)
+    lora = [key for key in single["state"] if "lora_B" in key]
+    assert lora and all(single["state"][key].abs().sum() > 0 for key in lora)  # the adapters did train
+    for key, value in single["state"].items():  # the same global batch gives the same weights
+        torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert len(single["losses"]) == STEPS
+    global_losses = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]
+    torch.testing.assert_close(torch.tensor(global_losses), torch.tensor(single["losses"]), rtol=1e-4, atol=1e-5)
+    assert single["losses"][-1] < single["losses"][0]
+
+
+if __name__ == "__main__":
+    train(sys.argv[1], int(sys.argv[2]), sys.argv[3])

@@ -1,0 +1,68 @@
+"""``lightning-prune merge`` on a tiny Llama, and its one-line errors (exit 2, nothing written)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lightning_prune.cli import main
+
+
+def run_cli(capsys, *args):
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+SMALL = ("--seq_len", 16, "--num_samples", 4, "--calibration_samples", 4, "--batch_size", 4)
+
+
+def test_merge_writes_reloadable_model_and_decisions(capsys, tiny_dir, tmp_path):
+    out_dir = tmp_path / "merged"
+    code, out, err = run_cli(capsys, "merge", "--model", tiny_dir, "--num_layers", 2, *SMALL, "--output_dir", out_dir)
+    assert code == 0, err
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["before"]["num_layers"] == 6 and metrics["after"]["num_layers"] == 4
+    assert metrics["after"]["perplexity"]["wikitext2"] > 1
+    decisions = json.loads((out_dir / "decisions.json").read_text())
+    assert decisions["original_layers"] == 6 and len(decisions["merge"]["groups"]) == 4
+    assert [m["teacher_last"] for m in decisions["merge"]["mapping"]] == [max(g) for g in decisions["merge"]["groups"] if len(g) > 1]
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir / "model")
+    assert reloaded.config.num_hidden_layers == 4
+    assert reloaded(torch.zeros(1, 4, dtype=torch.long)).logits.shape == (1, 4, 256)
+    assert json.loads(out)["after"] == metrics["after"]
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        (("--num_layers", 6), "num_layers 6 (layers to merge away) must be in 1..5"),
+        (("--num_layers", 0), "must be in 1..5"),
+        (("--num_layers", 2, "--p", 0), "p 0.0 must be > 0"),
+        (("--num_layers", 2, "--rho", 1), "rho 1.0 must be in [0, 1)"),
+        (("--num_layers", 2, "--method", "laco"), "choose one of come, come_p, sum"),
+    ],
+)
+def test_merge_bad_input_is_one_line_and_writes_nothing(capsys, tiny_dir, tmp_path, options, fragment):
+    out_dir = tmp_path / "never"
+    code, out, err = run_cli(capsys, "merge", "--model", tiny_dir, *options, *SMALL, "--output_dir", out_dir)
+    assert code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("lightning-prune: error:")]
+    assert len(errors) == 1 and fragment in errors[0], err
+    assert not out_dir.exists()
+
+
+def test_merge_refuses_unsupported_family(capsys, tmp_path, tiny_tokenizer):
+    from conftest import make_tiny_model
+
+    model_dir = tmp_path / "tiny-opt"
+    make_tiny_model("opt").save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    code, out, err = run_cli(capsys, "merge", "--model", model_dir, "--num_layers", 2, *SMALL, "--output_dir", tmp_path / "never")
+    assert code == 2 and "supported: llama, mistral, qwen2, qwen3" in err
+    assert not (tmp_path / "never").exists()
