@@ -13,6 +13,7 @@ from transformers import (
     Qwen3Config,
 )
 
+from lightning_prune.cli import main
 from lightning_prune.data.text import corpus_file
 
 VOCAB = 256
@@ -97,3 +98,21 @@ def tiny_dir(tmp_path, tiny_tokenizer):
 def random_ids(batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, length), generator=generator)
+
+
+def run_cli(capsys, *args):
+    """Run the CLI in-process; return (exit code, stdout, stderr)."""
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, fragment):
+    assert code == 2
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("lightning-prune: error:")]
+    assert len(errors) == 1 and fragment in errors[0], err

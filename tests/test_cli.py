@@ -6,25 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lightning_prune.cli import main
-
-
-def run_cli(capsys, *args):
-    """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code, err, fragment):
-    assert code == 2
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("lightning-prune: error:")]
-    assert len(errors) == 1 and fragment in errors[0], err
+from conftest import assert_one_line_error, run_cli
 
 
 def test_evaluate_writes_metrics(capsys, tiny_dir, tmp_path):

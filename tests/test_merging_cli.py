@@ -6,17 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lightning_prune.cli import main
-
-
-def run_cli(capsys, *args):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from conftest import run_cli
 
 
 SMALL = ("--seq_len", 16, "--num_samples", 4, "--calibration_samples", 4, "--batch_size", 4)
