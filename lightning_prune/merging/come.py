@@ -135,31 +135,37 @@ def _weighted(tensors: Sequence[torch.Tensor | None], weights: Sequence[float]) 
     return sum(w * t.detach().float() for t, w in zip(tensors, weights))
 
 
+def _concatenate(anatomy: Anatomy, layers, new, ratios, input_parts, output_part) -> None:
+    """Write into ``new`` the kept rows of each input projection and the matching columns of
+    the output projection (whose bias is the ratio-weighted average).
+
+    Args:
+        input_parts: ``[(name, per-layer kept rows)]`` for the projections that read the residual.
+        output_part: ``(name, per-layer kept columns)`` for the projection back to the residual.
+    """
+    for name, rows in input_parts:
+        sources = [anatomy.part(layer, name) for layer in layers]
+        _set(anatomy.part(new, name).weight, _rows(sources, rows, "weight"))
+        _set(anatomy.part(new, name).bias, _rows(sources, rows, "bias"))
+    name, columns = output_part
+    sources = [anatomy.part(layer, name) for layer in layers]
+    _set(anatomy.part(new, name).weight, _columns(sources, columns))
+    _set(anatomy.part(new, name).bias, _weighted([source.bias for source in sources], ratios.tolist()))
+
+
 def _merge_attention(anatomy: Anatomy, layers, new, ratios, sensitivities) -> None:
     g, d_h = anatomy.num_heads // anatomy.num_kv_heads, anatomy.head_dim
     groups = [top_units(s, k) for s, k in zip(sensitivities, unit_counts(ratios, anatomy.num_kv_heads))]
     kv_rows = [_expand(k, d_h) for k in groups]
     q_rows = [_expand(k, g * d_h) for k in groups]
-    for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
-        sources = [anatomy.part(layer, name) for layer in layers]
-        _set(anatomy.part(new, name).weight, _rows(sources, rows, "weight"))
-        _set(anatomy.part(new, name).bias, _rows(sources, rows, "bias"))
-    o_sources = [anatomy.part(layer, "o_proj") for layer in layers]
-    _set(anatomy.part(new, "o_proj").weight, _columns(o_sources, q_rows))
-    _set(anatomy.part(new, "o_proj").bias, _weighted([o.bias for o in o_sources], ratios.tolist()))
+    inputs = [("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)]
+    _concatenate(anatomy, layers, new, ratios, inputs, ("o_proj", q_rows))
 
 
 def _merge_ffn(anatomy: Anatomy, layers, new, ratios, sensitivities) -> None:
     channels = [top_units(s, k) for s, k in zip(sensitivities, unit_counts(ratios, anatomy.intermediate_size))]
-    for name in ("gate_proj", "up_proj"):
-        if anatomy.spec.gate_proj is None and name == "gate_proj":
-            continue
-        sources = [anatomy.part(layer, name) for layer in layers]
-        _set(anatomy.part(new, name).weight, _rows(sources, channels, "weight"))
-        _set(anatomy.part(new, name).bias, _rows(sources, channels, "bias"))
-    down = [anatomy.part(layer, "down_proj") for layer in layers]
-    _set(anatomy.part(new, "down_proj").weight, _columns(down, channels))
-    _set(anatomy.part(new, "down_proj").bias, _weighted([d.bias for d in down], ratios.tolist()))
+    inputs = [(name, channels) for name in ("gate_proj", "up_proj") if getattr(anatomy.spec, name) is not None]
+    _concatenate(anatomy, layers, new, ratios, inputs, ("down_proj", channels))
 
 
 def _merge_norms(anatomy: Anatomy, layers, new, ratios) -> None:
