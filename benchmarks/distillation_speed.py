@@ -115,7 +115,7 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"mp teacher-forced / sp: {ratio:.2f}x tokens/s, {memory:.2f}x peak memory above start")
-    from merging_report import write_section
+    from report import update_section
 
     lines = ["## Distillation step speed (benchmarks/distillation_speed.py)", "",
              f"SmolLM2-135M merged 30 -> 23, batch {args.batch_size} x {args.seq_len} tokens, {args.steps} timed steps after one warm-up, "
@@ -128,7 +128,7 @@ def main() -> None:
         name = "CoMe-sp (teacher + student forward, all merged layers)" if mode == "sp" else "CoMe-mp teacher-forced (cached boundary, one layer)"
         lines.append(f"| {name} | {row['tokens_per_second']:.0f} | {row['seconds_per_step']:.2f} | {row['peak_rss_above_start_mb']:.0f} | {row['boundary_cache_mb']:.1f} |")
     lines += ["", f"mp / sp: **{ratio:.1f}x** tokens/s, {memory:.2f}x peak memory above start."]
-    write_section("distillation-speed", "\n".join(lines))
+    update_section("merging", "distillation-speed", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from lightning_prune.modules.distillation import LayerwiseDistillation
 from lightning_prune.results import package_versions
 
 sys.path.insert(0, str(Path(__file__).parent))
-from merging_report import write_section  # noqa: E402
+from report import update_section  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "merging_evidence.json"
 
@@ -151,7 +151,7 @@ def main() -> None:
     stages = args.stages.split(",")
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     if stages == ["report"]:
-        write_section("merging-evidence", report(results))
+        update_section("merging", "merging-evidence", report(results))
         return
     results["settings"] = {**{k: str(v) for k, v in vars(args).items()}, "model": "SmolLM2-135M (demo, fp32)", "threads": torch.get_num_threads(),
                            "evaluation": f"WikiText-2 test, first {args.eval_samples} x {args.seq_len} tokens", "versions": package_versions()}
@@ -169,7 +169,7 @@ def main() -> None:
             distill(evaluation, args, results, "come_mp" + tag, mode="mp")
         if "mp_tf" in modes:
             distill(evaluation, args, results, "come_mp_teacher_forced" + tag, mode="mp", teacher_forced=True)
-    write_section("merging-evidence", report(results))
+    update_section("merging", "merging-evidence", report(results))
 
 
 if __name__ == "__main__":

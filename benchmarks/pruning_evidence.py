@@ -17,7 +17,7 @@ import json
 import time
 
 import torch
-from pruning_common import ROOT, remove_section, update_section
+from report import ROOT, remove_section, update_section
 
 from lightning_prune.data.text import load_blocks
 from lightning_prune.evaluation.perplexity import perplexity
@@ -100,19 +100,22 @@ class Grid:
         tag = f"_{self.args.tag}" if self.args.tag else ""
         path = RESULTS.with_name(f"{RESULTS.stem}{tag}.json")
         path.write_text(json.dumps({**self.record, "rows": self.rows, "versions": package_versions()}, indent=2) + "\n")
-        update_section(f"pruning-evidence{tag.replace('_', '-')}", markdown(self.record, self.rows))
+        update_section("pruning", f"pruning-evidence{tag.replace('_', '-')}", markdown(self.record, self.rows))
 
 
 def markdown(record: dict, rows: list[dict]) -> str:
     settings = record["settings"]
+    reduced = settings["calibration_samples"] < 64 or settings["eval_samples"] < 64
     lines = [
-        "## Perplexity after removing 7 of 30 layers (`benchmarks/pruning_evidence.py`)",
+        f"## Perplexity after removing {settings['num_layers']} of 30 layers, calibration {settings['calibration_samples']}×"
+        f"{settings['seq_len']}, evaluation {settings['eval_samples']}×{settings['seq_len']} (`benchmarks/pruning_evidence.py`)",
         "",
         f"SmolLM2-135M (fp32). Calibration: WikiText-2 validation {settings['calibration_samples']}×{settings['seq_len']} tokens "
         f"(accuracy metric: {settings['accuracy_samples']}×{settings['accuracy_seq_len']}, last-token top-1, r = 0); evaluation: "
         f"WikiText-2 test {settings['eval_samples']}×{settings['seq_len']} tokens. Dense perplexity on this evaluation: "
         f"**{record.get('dense_perplexity', float('nan')):.2f}**. Protection: first 4 / last 2 for magnitude and taylor (Mag+/Taylor+), "
-        "else first 1 / last 1. Sizes are reduced from the issue's 64×128 / 64×128 to fit a shared 2-core CPU.",
+        "else first 1 / last 1."
+        + (" Sizes are reduced from the issue's 64×128 / 64×128 to fit a shared 2-core CPU." if reduced else " The issue's sizes."),
         "",
         "Columns none / magnitude / projection: perplexity after pruning with that compensation; *select s*: seconds to",
         "choose the 7 layers without compensation (one-shot: one scoring; iterative: 7 scorings + removals).",
@@ -139,9 +142,9 @@ def merge(tags: list[str]) -> None:
         metrics = {row["metric"] for row in tagged["rows"]}
         record["rows"] = [row for row in record["rows"] if row["metric"] not in metrics] + tagged["rows"]
         record.setdefault("merged_from", []).append(f"{RESULTS.stem}_{tag}.json")
-        remove_section(f"pruning-evidence-{tag}")
+        remove_section("pruning", f"pruning-evidence-{tag}")
     RESULTS.write_text(json.dumps(record, indent=2) + "\n")
-    update_section("pruning-evidence", markdown(record, record["rows"]))
+    update_section("pruning", "pruning-evidence", markdown(record, record["rows"]))
 
 
 def main() -> None:
@@ -158,9 +161,10 @@ def main() -> None:
     parser.add_argument("--skip_iterative", default="", help="comma-separated metrics whose iterative runs are skipped")
     parser.add_argument("--tag", default="", help="suffix of the results file and markdown section (runs split over processes)")
     parser.add_argument("--merge", default="", help="only merge the results of these comma-separated tags into the main table")
+    parser.add_argument("--render_only", action="store_true", help="only re-render the main table from its JSON")
     args = parser.parse_args()
-    if args.merge:
-        merge(args.merge.split(","))
+    if args.merge or args.render_only:
+        merge([tag for tag in args.merge.split(",") if tag])
         return
     base, tokenizer = load_model("demo")
     blocks = load_blocks(tokenizer, "wikitext2", split="validation", seq_len=args.seq_len, num_samples=args.calibration_samples, seed=args.seed)

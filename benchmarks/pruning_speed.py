@@ -16,7 +16,7 @@ import json
 import time
 
 import torch
-from pruning_common import ROOT, update_section
+from report import ROOT, update_section
 
 from lightning_prune.data.text import load_blocks
 from lightning_prune.importance import ScoringOptions
@@ -69,7 +69,7 @@ def main() -> None:
     print(json.dumps({k: v for k, v in result.items() if k.startswith(("speedup", "same"))}, indent=2))
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     tokens = args.calibration_samples * args.seq_len
-    update_section("pruning-speed", f"""
+    update_section("pruning", "pruning-speed", f"""
 ## Speed of pruning decisions (`benchmarks/pruning_speed.py`)
 
 SmolLM2-135M, fp32, CPU ({torch.get_num_threads()} thread, shared machine), iterative removal of {args.num_layers} of 30

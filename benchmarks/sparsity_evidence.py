@@ -16,9 +16,10 @@ neither the method nor the target). Results are appended to
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
+
+from report import ROOT, topic_doc, write_topic
 
 from lightning_prune.data.text import load_blocks
 from lightning_prune.evaluation.perplexity import perplexity
@@ -26,11 +27,10 @@ from lightning_prune.model.loading import load_model
 from lightning_prune.results import package_versions
 from lightning_prune.sparsity import allocation_statistics, measure_sparsity, sparsify
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "sparsity_evidence.json"
 SPEED = ROOT / "benchmarks" / "results" / "sparsity_speed.json"
 FIGURE = "sparsity_wanda_dlp70_layers.png"
-DOC = ROOT / "docs" / "results" / "sparsity.md"
+DOC = topic_doc("sparsity")
 DLP_ALPHA = {0.5: 0.04, 0.6: 0.1, 0.7: 0.15}  # 003 Table 19
 OWL_LAMBDA = 0.08  # OWL's default
 
@@ -222,8 +222,7 @@ def _speed_lines() -> list[str]:
 def main() -> None:
     args = parse_args()
     record = json.loads(RESULTS.read_text()) if args.render_only else run(args)
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(render(record))
+    write_topic("sparsity", render(record))
     print(render(record))
 
 
