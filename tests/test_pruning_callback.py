@@ -78,14 +78,25 @@ def test_prunes_before_the_optimizer_and_resumes_the_same_architecture(tmp_path)
     assert Anatomy(resumed.model).lm_head.weight is not Anatomy(resumed.model).embed_tokens.weight
 
 
-def test_resume_without_the_decision_path_fails_loudly_when_architectures_differ(tmp_path):
+def test_fit_ckpt_path_alone_rebuilds_the_stored_decision_and_refuses_other_layers(tmp_path):
     module = TinyModule()
-    run = trainer(tmp_path, 1, LayerPruningCallback(layers=[1, 2]))
+    run = trainer(tmp_path, 1, LayerPruningCallback(metric="random", num_layers=2, seed=0, calibration_blocks=BLOCKS))
     run.fit(module)
-    checkpoint = tmp_path / "explicit.ckpt"
+    checkpoint = tmp_path / "random.ckpt"
     run.save_checkpoint(checkpoint)
-    with pytest.raises(RuntimeError, match=r"removed layers \[1, 2\] but this run removed \[3, 4\]"):
-        trainer(tmp_path, 2, LayerPruningCallback(layers=[3, 4], calibration_blocks=BLOCKS)).fit(TinyModule(), ckpt_path=checkpoint)
+    stored = torch.load(checkpoint, weights_only=False)[CHECKPOINT_KEY]["removed_layers"]
+    assert len(stored) == 2
+
+    # No calibration data anywhere: scoring again would raise, so success means the stored decision was applied.
+    resumed = LayerPruningCallback(metric="random", num_layers=2, seed=1)
+    resumed_module = TinyModule()
+    trainer(tmp_path, 2, resumed).fit(resumed_module, ckpt_path=checkpoint)
+    assert resumed.decision["removed_layers"] == stored
+    assert Anatomy(resumed_module.model).num_layers == 4
+
+    other = [layer for layer in range(1, 5) if layer not in stored][:2]
+    with pytest.raises(InputError, match=rf"removed layers \[{stored[0]}, {stored[1]}\] but this run is configured to remove"):
+        trainer(tmp_path, 2, LayerPruningCallback(layers=other)).fit(TinyModule(), ckpt_path=checkpoint)
 
 
 def test_bad_targets_and_names_are_refused_at_construction():

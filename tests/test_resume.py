@@ -1,20 +1,17 @@
-"""Interrupt a pruned + LoRA run mid-epoch, resume from its last checkpoint, get the uninterrupted result.
+"""Interrupt a pruned + LoRA run mid-epoch, resume with ``ckpt_path="last"``, get the uninterrupted result.
+
+This is the recipe's path (``python train.py fit --config ... --ckpt_path last``): the pruning
+callback rebuilds the stored decision in ``setup`` (no ``resume_from``, no re-scoring) and
+``TextDataModule`` skips the batches the interrupted epoch already trained on.
 
 Tolerance: the resumed run must match the uninterrupted one to 1e-6 (absolute) in every adapter
 weight and in the final perplexity. LoRA dropout is 0 here because Lightning does not store the
 global RNG state in a checkpoint (with dropout the masks after resuming would differ).
-
-Data order: Lightning 2.6.6 restarts a plain DataLoader from its first batch when resuming
-mid-epoch (it warns "your dataloader is not resumable"), and ``TextDataModule``'s shuffling
-generator restarts with it. ``ResumableData`` below shuffles with a seed per epoch and skips the
-batches the restored fit loop already completed - the change ``TextDataModule`` needs for exact
-mid-epoch resume from the CLI.
 """
 
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, Sampler
 from conftest import make_tiny_model
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -27,31 +24,6 @@ from lightning_prune.modules.healing import HealingModule
 STEPS, STOP_AT = 6, 3  # 8 batches per epoch: the interruption and the end are both mid-epoch
 
 
-class EpochSampler(Sampler):
-    """Permutation seeded by (seed, epoch); the first pass after a resume skips ``skip`` batches' items."""
-
-    def __init__(self, size: int, seed: int, skip: int = 0):
-        self.size, self.seed, self.epoch, self.skip = size, seed, 0, skip
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)).tolist()
-        start, self.skip = self.skip, 0
-        return iter(order[start:])
-
-    def __len__(self) -> int:
-        return self.size
-
-
-class ResumableData(TextDataModule):
-    def train_dataloader(self):
-        completed = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
-        sampler = EpochSampler(len(self.train_blocks), self.hparams.seed, skip=completed * self.hparams.batch_size)
-        return DataLoader(self.train_blocks, batch_size=self.hparams.batch_size, sampler=sampler)
-
-
 class Interrupt(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == STOP_AT:
@@ -60,10 +32,10 @@ class Interrupt(L.Callback):
 
 def run(model_dir, tmp_path, name, *, resume=None, extra=()):
     L.seed_everything(0)
-    pruning = LayerPruningCallback(metric="block_influence", num_layers=2, compensation="magnitude", resume_from=resume)
+    pruning = LayerPruningCallback(metric="block_influence", num_layers=2, compensation="magnitude")
     checkpoint = ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=1, save_last=True)
     module = HealingModule(model=str(model_dir), lora_dropout=0.0, learning_rate=1e-2, warmup_steps=2)
-    data = ResumableData(tokenizer=str(model_dir), seq_len=32, num_train_samples=16, calibration_samples=4, batch_size=2)
+    data = TextDataModule(tokenizer=str(model_dir), seq_len=32, num_train_samples=16, calibration_samples=4, batch_size=2)
     trainer = L.Trainer(accelerator="cpu", max_steps=STEPS, callbacks=[pruning, checkpoint, *extra], logger=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, datamodule=data, ckpt_path=resume)
@@ -80,9 +52,8 @@ def test_resume_mid_epoch_equals_uninterrupted(tiny_dir, tmp_path):
     expected, expected_ppl = final_state(module, data)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(tiny_dir, tmp_path, "crashed", extra=[Interrupt()])
-    last = tmp_path / "crashed" / "last.ckpt"
-    assert 0 < torch.load(last, weights_only=False)["global_step"] < STEPS
-    resumed_module, resumed_pruning, data = run(tiny_dir, tmp_path, "resumed", resume=str(last))
+    assert 0 < torch.load(tmp_path / "crashed" / "last.ckpt", weights_only=False)["global_step"] < STEPS
+    resumed_module, resumed_pruning, data = run(tiny_dir, tmp_path, "crashed", resume="last")
     assert resumed_pruning.decision["removed_layers"] == pruning.decision["removed_layers"]
     assert resumed_module.trainer.global_step == STEPS
     actual, actual_ppl = final_state(resumed_module, data)

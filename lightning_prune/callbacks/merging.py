@@ -8,44 +8,25 @@ the module's idempotent ``configure_model`` itself, then either
 - **fresh run**: merges the student with calibration blocks from the DataModule
   (``calibration_blocks()``; the same seeded blocks on every rank, so every rank takes the same
   decision, which is checked against rank 0), writes ``decisions.json``, or
-- **resumed run** (a ``ckpt_path`` given to ``fit``, see :func:`pending_checkpoint_path`): reads the merge groups stored in the checkpoint
+- **resumed run** (a ``ckpt_path`` given to ``fit``, see :mod:`lightning_prune.callbacks.resume`): reads the merge groups stored in the checkpoint
   and rebuilds the merged architecture, so the state dict loaded next fits it.
 
 The module then gets the groups (``set_groups``), which unfreezes the merged layers only.
 """
 
-import inspect
-
 import lightning as L
 import torch
 
+from lightning_prune.callbacks.resume import pending_checkpoint_path
 from lightning_prune.errors import InputError, MissingInputError
 from lightning_prune.merging.methods import check_merge_request, merge_model
 from lightning_prune.merging.progressive import MergeRecord, check_groups, rebuild_merged_architecture
 from lightning_prune.model.anatomy import Anatomy
 from lightning_prune.results import RunDirectory
 
-__all__ = ["LayerMergingCallback", "pending_checkpoint_path", "read_checkpoint_groups"]
+__all__ = ["LayerMergingCallback", "read_checkpoint_groups"]
 
 CHECKPOINT_KEY = "merge_groups"
-
-
-def pending_checkpoint_path(trainer: L.Trainer) -> str | None:
-    """The checkpoint this ``fit`` will restore, as known during ``setup``.
-
-    Lightning 2.6.6 keeps the ``ckpt_path`` given to ``fit`` as a local of ``Trainer._run`` and
-    publishes it (``trainer.ckpt_path``) only after the setup hooks, when it restores the state
-    dict. The merged architecture must exist before that, so read it from ``_run``'s frame.
-    """
-    if trainer.ckpt_path:
-        return str(trainer.ckpt_path)
-    frame = inspect.currentframe()
-    while frame is not None:
-        if frame.f_code.co_name == "_run" and frame.f_locals.get("self") is trainer:
-            path = frame.f_locals.get("ckpt_path")
-            return str(path) if path else None
-        frame = frame.f_back
-    return None
 
 
 def read_checkpoint_groups(path: str, depth: int) -> list[list[int]]:

@@ -14,18 +14,19 @@ Checkpoints and resume (Lightning 2.6.6, ``Trainer._run``): ``setup`` → ``conf
 → ``_restore_modules_and_callbacks`` (module ``on_load_checkpoint``, ``load_state_dict``,
 *then* callback ``on_load_checkpoint``) → ``strategy.setup`` → optimizers. A callback's
 ``on_load_checkpoint`` therefore comes after the weights are loaded — too late to change the
-architecture — and the path passed to ``fit(ckpt_path=...)`` becomes ``trainer.ckpt_path``
-only after ``setup``. So the decision is saved in ``checkpoint["layer_pruning"]``
-(``on_save_checkpoint``) and, on resume, read from the checkpoint file in ``setup`` — from
-``resume_from`` or from ``trainer.ckpt_path`` when it was set before ``fit`` — and re-applied
-(same layers removed, embeddings untied if compensation untied them) without scoring, so
-``load_state_dict`` finds exactly the saved architecture. ``on_load_checkpoint`` then checks
-that the checkpoint's decision is the one applied.
+architecture. So the decision is saved in ``checkpoint["layer_pruning"]``
+(``on_save_checkpoint``) and, on resume, read in ``setup`` from the checkpoint ``fit`` is about
+to restore (``fit(ckpt_path=...)``, ``--ckpt_path last`` included; see
+:mod:`lightning_prune.callbacks.resume`) or from ``resume_from``, and re-applied (same layers
+removed, embeddings untied if compensation untied them) without scoring, so ``load_state_dict``
+finds exactly the saved architecture. Explicit ``layers`` that differ from the stored decision
+are refused. ``on_load_checkpoint`` then checks that the checkpoint's decision is the one applied.
 """
 
 import lightning as L
 import torch
 
+from lightning_prune.callbacks.resume import pending_checkpoint_path
 from lightning_prune.compensation import make_compensation
 from lightning_prune.errors import InputError
 from lightning_prune.importance import ScoringOptions, metric_name
@@ -121,9 +122,12 @@ class LayerPruningCallback(L.Callback):
         if callable(getattr(pl_module, "configure_model", None)):
             pl_module.configure_model()
         model = getattr(pl_module, self.model_attribute)
-        path = self.resume_from or trainer.ckpt_path
+        path = self.resume_from or pending_checkpoint_path(trainer)
         if path:
             decision = read_decision(path)
+            if self.layers is not None and sorted(self.layers) != sorted(decision["removed_layers"]):
+                raise InputError(f"checkpoint {path!r} removed layers {decision['removed_layers']} but this run is configured to "
+                                 f"remove {list(self.layers)}; resume with the same layers or start a new run")
             apply_decision(model, decision)
         else:
             options = ScoringOptions(batch_size=self.batch_size, seed=self.seed, reduce=self._reduce(trainer, pl_module), progress=trainer.is_global_zero)
@@ -144,5 +148,5 @@ class LayerPruningCallback(L.Callback):
         if saved is not None and self.decision is not None and saved["removed_layers"] != self.decision["removed_layers"]:
             raise RuntimeError(
                 f"checkpoint removed layers {saved['removed_layers']} but this run removed {self.decision['removed_layers']}; "
-                "pass resume_from=<checkpoint> (or set trainer.ckpt_path before fit) so the saved architecture is rebuilt"
+                "pass resume_from=<checkpoint> so the saved architecture is rebuilt"
             )

@@ -20,14 +20,14 @@ ordinary tensors. With LoRA the base weights are frozen (and stay sparse); the a
 Checkpoints: masks (bool) and decisions go into ``checkpoint["sparsify"]``
 (``on_save_checkpoint``). On resume ``on_load_checkpoint`` (which Lightning calls after
 ``setup`` and ``configure_model``, before the optimizers) restores them and re-applies them
-to the restored weights, so the checkpoint's decisions win. Lightning only knows the path of
-``fit(ckpt_path=...)`` after ``setup``, so setup still calibrates then (its masks are
-replaced); with ``trainer.ckpt_path = ...`` set beforehand, calibration is skipped.
+to the restored weights, so the checkpoint's decisions win; ``setup`` skips calibration when
+``fit`` is about to restore a checkpoint (:mod:`lightning_prune.callbacks.resume`).
 """
 
 import lightning as L
 import torch
 
+from lightning_prune.callbacks.resume import pending_checkpoint_path
 from lightning_prune.data.text import load_blocks
 from lightning_prune.sparsity.allocation import check_allocation
 from lightning_prune.sparsity.masks import apply_masks, mask_gradients, measure_sparsity
@@ -95,7 +95,7 @@ class SparsifyCallback(L.Callback):
         if stage != "fit" or self.masks is not None:
             return
         pl_module.configure_model()
-        if trainer.ckpt_path:
+        if pending_checkpoint_path(trainer):
             return
         blocks = load_blocks(
             pl_module.tokenizer, self.data, split="validation", seq_len=self.seq_len,

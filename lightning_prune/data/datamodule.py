@@ -1,8 +1,14 @@
-"""``TextDataModule``: token blocks for training, validation and calibration."""
+"""``TextDataModule``: token blocks for training, validation and calibration.
+
+Training order is resumable mid-epoch: the shuffle is a ``DistributedSampler`` (so Lightning
+keeps it under DDP instead of wrapping it) seeded by ``seed + epoch``, and when a fit restores a
+checkpoint taken inside an epoch, the first pass skips the batches that epoch already trained
+on. A resumed run therefore sees exactly the batches an uninterrupted run sees.
+"""
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_prune.data.text import load_blocks
 from lightning_prune.model.loading import load_tokenizer
@@ -69,11 +75,52 @@ class TextDataModule(L.LightningDataModule):
         return self._blocks(hp.train_data, hp.train_split, hp.calibration_samples, hp.seed)
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(_Blocks(self.train_blocks), batch_size=self.hparams.batch_size, shuffle=True, generator=generator)
+        hp = self.hparams
+        dataset = _Blocks(self.train_blocks)
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = ResumableShuffle(dataset, num_replicas=world, rank=rank, seed=hp.seed)
+        sampler.skip = _batches_done_this_epoch(self.trainer) * hp.batch_size
+        return _ResumableLoader(dataset, batch_size=hp.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(_Blocks(self.val_blocks), batch_size=self.hparams.batch_size)
+
+
+class ResumableShuffle(DistributedSampler):
+    """Seeded shuffle (``seed + epoch``, this rank's share) whose next pass can skip its first ``skip`` items.
+
+    ``len`` stays the full epoch: Lightning counts the skipped batches as already done.
+    """
+
+    def __init__(self, dataset, *, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.skip = 0
+
+    def __iter__(self):
+        order = list(super().__iter__())
+        start, self.skip = self.skip, 0
+        return iter(order[start:])
+
+
+class _ResumableLoader(DataLoader):
+    """A DataLoader that tells Lightning it resumes mid-epoch (its state lives in the trainer's
+    progress counters, read by :func:`_batches_done_this_epoch`), so no "not resumable" warning."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _batches_done_this_epoch(trainer: L.Trainer | None) -> int:
+    """Batches of the current epoch that a restored fit already trained on (0 unless resumed mid-epoch)."""
+    if trainer is None:
+        return 0
+    fit_loop = trainer.fit_loop
+    epoch, batches = fit_loop.epoch_progress.current, fit_loop.epoch_loop.batch_progress
+    inside_epoch = epoch.started > epoch.processed and not batches.is_last_batch
+    return batches.current.processed if inside_epoch else 0
 
 
 class _Blocks(TensorDataset):
