@@ -44,6 +44,8 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--c4_samples", type=int, default=16)
     parser.add_argument("--tasks", default="arc_easy,piqa", help="lm-eval tasks per row (empty: perplexity only)")
     parser.add_argument("--task_limit", type=int, default=500, help="first items of each task")
+    parser.add_argument("--task_rows", default=",".join(ORDER), help="comma-separated rows that get task accuracy")
+    parser.add_argument("--reuse", action="store_true", help="keep the rows already in --output (same settings) and measure only the rest")
     parser.add_argument("--runs_dir", default=str(ROOT / "runs" / "healing_evidence"))
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "healing_evidence.json"))
     return parser.parse_args()
@@ -54,16 +56,30 @@ class Evidence:
 
     def __init__(self, args: argparse.Namespace, tokenizer):
         self.args, self.tokenizer, self.rows = args, tokenizer, {}
-        self.tasks = split_names(args.tasks)
+        self.tasks, self.task_rows = split_names(args.tasks), split_names(args.task_rows)
         self.wiki = EvaluationData(tokenizer, ["wikitext2"], seq_len=args.seq_len, num_samples=args.wiki_samples)
         self.c4 = EvaluationData(tokenizer, ["c4"], seq_len=args.seq_len, num_samples=args.c4_samples)
         self.task_settings: dict | None = None
+        if args.reuse and Path(args.output).exists():
+            self._reuse(json.loads(Path(args.output).read_text()))
+
+    def _reuse(self, record: dict) -> None:
+        """Take over the rows of an earlier run whose measurement settings equal this run's."""
+        keys = ("num_layers", "calibration_samples", "heal_steps", "batch_size", "seq_len", "learning_rate", "wiki_samples",
+                "c4_samples", "tasks", "task_limit")
+        different = [k for k in keys if record["settings"].get(k) != getattr(self.args, k)]
+        if different:
+            raise SystemExit(f"--reuse: {self.args.output} was measured with other settings ({', '.join(different)})")
+        self.rows, self.task_settings = record["rows"], record["settings"].get("tasks_settings")
+
+    def has(self, name: str) -> bool:
+        return name in self.rows
 
     def add(self, name: str, model: torch.nn.Module, **extra) -> None:
         start = time.perf_counter()
         ppl = {**self.wiki.evaluate(model, batch_size=8)["perplexity"], **self.c4.evaluate(model, batch_size=8)["perplexity"]}
         row = {"perplexity": ppl, **model_summary(model), **extra}
-        if self.tasks:
+        if self.tasks and name in self.task_rows:
             accuracy = evaluate_tasks(model, self.tokenizer, self.tasks, limit=self.args.task_limit, batch_size=16)
             row["tasks"], self.task_settings = accuracy["tasks"], accuracy["settings"]
         self.rows[name] = {**row, "eval_seconds": round(time.perf_counter() - start, 1)}
@@ -116,24 +132,31 @@ def markdown(record: dict) -> str:
         lines += ["", "Removed layers (original indices, removal order): "
                   + "; ".join(f"{n.split('-')[0]} `{layers}`" for n, layers in removed.items()) + "."]
     lines += ["", f"Command: `OMP_NUM_THREADS=2 .venv/bin/python benchmarks/healing_evidence.py --heal_steps {s['heal_steps']} "
-              f"--tasks {s['tasks']} --task_limit {s['task_limit']} --wiki_samples {s['wiki_samples']} --c4_samples {s['c4_samples']}`."]
+              f"--tasks {s['tasks']} --task_limit {s['task_limit']} --wiki_samples {s['wiki_samples']} --c4_samples {s['c4_samples']}"
+              + (f" --task_rows '{s['task_rows']}'" if s.get("task_rows", ",".join(ORDER)) != ",".join(ORDER) else "") + "`."]
     return "\n".join(lines)
 
 
 def pruned_dir(args, metric: str, selection: str, name: str) -> Path:
     out = Path(args.runs_dir) / name
+    if args.reuse and (out / "decisions.json").exists():
+        return out
     prune(model="demo", num_layers=args.num_layers, metric=metric, selection=selection, compensation="magnitude",
           calibration_samples=args.calibration_samples, seed=0, seq_len=args.seq_len, num_samples=1, output_dir=str(out), overwrite=True)
     return out
 
 
 def add_pruned(evidence: Evidence, name: str, path: Path) -> None:
+    if evidence.has(name):
+        return
     decisions = json.loads((path / "decisions.json").read_text())
     evidence.add(name, load_model(str(path / "model"))[0], removed_layers=decisions["removed_layers"])
 
 
 def heal_row(evidence: Evidence, args, name: str, model, quantize: str | None) -> None:
     """Heal with the fixed budget, then evaluate the merged model; records tokens seen and wall time."""
+    if evidence.has(name):
+        return
     start = time.perf_counter()
     module = heal(str(model), output_dir=Path(args.runs_dir) / name.replace(" + ", "_").replace("-", "_"), steps=args.heal_steps,
                   seq_len=args.seq_len, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=0, quantize=quantize)
@@ -146,7 +169,8 @@ def main() -> None:
     torch.manual_seed(0)
     dense, tokenizer = load_model("demo")
     evidence = Evidence(args, tokenizer)
-    evidence.add("dense", dense)
+    if not evidence.has("dense"):
+        evidence.add("dense", dense)
     del dense
     bi = pruned_dir(args, "block_influence", "iterative", "bi_pruned")
     add_pruned(evidence, "BI-pruned", bi)
@@ -155,9 +179,10 @@ def main() -> None:
     random = pruned_dir(args, "random", "one_shot", "random_pruned")
     add_pruned(evidence, "random-pruned", random)
     heal_row(evidence, args, "random + LoRA", random / "model", None)
-    base = quantize_model(load_model(str(bi / "model"))[0], quant_type="nf4", compute_dtype="float32", double_quant=True).eval()
-    evidence.add("BI NF4 base (no healing)", base)
-    del base
+    if not evidence.has("BI NF4 base (no healing)"):
+        base = quantize_model(load_model(str(bi / "model"))[0], quant_type="nf4", compute_dtype="float32", double_quant=True)
+        evidence.add("BI NF4 base (no healing)", base.eval())
+        del base
     heal_row(evidence, args, "BI + QLoRA", bi / "model", "nf4")
     rows = evidence.rows
     for key in ("wikitext2", "c4"):
