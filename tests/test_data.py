@@ -76,3 +76,23 @@ def test_datamodule_batches_and_calibration(tiny_dir):
     calibration = data.calibration_blocks()
     assert calibration.shape == (5, 32)
     assert torch.equal(calibration, data.calibration_blocks())
+
+
+@pytest.mark.parametrize("shard", [True, False])
+def test_train_loader_gives_each_rank_its_share_unless_told_not_to(tiny_dir, monkeypatch, shard):
+    import lightning as L
+
+    monkeypatch.setattr(L.Trainer, "world_size", property(lambda self: 2))
+    orders = []
+    for rank in (0, 1):
+        monkeypatch.setattr(L.Trainer, "global_rank", property(lambda self, rank=rank: rank))
+        data = TextDataModule(tokenizer=str(tiny_dir), seq_len=16, num_train_samples=8, batch_size=2, seed=3)
+        data.trainer = L.Trainer(accelerator="cpu", devices=1, use_distributed_sampler=shard, logger=False)
+        data.setup("fit")
+        orders.append([tuple(block.tolist()) for batch in data.train_dataloader() for block in batch])
+    every_block = {tuple(block.tolist()) for block in data.train_blocks}
+    if shard:
+        assert len(orders[0]) == len(orders[1]) == 4
+        assert not set(orders[0]) & set(orders[1]) and set(orders[0]) | set(orders[1]) == every_block
+    else:
+        assert orders[0] == orders[1] and set(orders[0]) == every_block and len(orders[0]) == 8

@@ -1,7 +1,8 @@
 """``TextDataModule``: token blocks for training, validation and calibration.
 
 Training order is resumable mid-epoch: the shuffle is a ``DistributedSampler`` (so Lightning
-keeps it under DDP instead of wrapping it) seeded by ``seed + epoch``, and when a fit restores a
+keeps it under DDP instead of wrapping it; each rank takes its share unless the trainer has
+``use_distributed_sampler: false``) seeded by ``seed + epoch``, and when a fit restores a
 checkpoint taken inside an epoch, the first pass skips the batches that epoch already trained
 on. A resumed run therefore sees exactly the batches an uninterrupted run sees.
 """
@@ -77,7 +78,7 @@ class TextDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         dataset = _Blocks(self.train_blocks)
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        world, rank = _shard(self.trainer)
         sampler = ResumableShuffle(dataset, num_replicas=world, rank=rank, seed=hp.seed)
         sampler.skip = _batches_done_this_epoch(self.trainer) * hp.batch_size
         return _ResumableLoader(dataset, batch_size=hp.batch_size, sampler=sampler)
@@ -111,6 +112,14 @@ class _ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def _shard(trainer: L.Trainer | None) -> tuple[int, int]:
+    """(replicas, rank) of this process's share: the whole set when the trainer is told not to
+    shard (``use_distributed_sampler: false``, e.g. teacher-forced mp distillation on several ranks)."""
+    if trainer is None or not trainer._accelerator_connector.use_distributed_sampler:
+        return 1, 0
+    return trainer.world_size, trainer.global_rank
 
 
 def _batches_done_this_epoch(trainer: L.Trainer | None) -> int:
