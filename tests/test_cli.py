@@ -103,3 +103,27 @@ def test_console_script_error_is_exactly_one_line(tmp_path):
 def test_parser_errors_are_one_line(capsys):
     code, _, err = run_cli(capsys, "evaluate", "--seq_len", "many")
     assert_one_line_error(code, err, "seq_len")
+
+
+def test_data_problems_are_named_before_any_weights_load(capsys, tiny_dir, tmp_path, monkeypatch):
+    import lightning_prune.commands.common as common
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the data was checked")
+
+    monkeypatch.setattr(common, "load_model", no_weights)
+    missing, folder = tmp_path / "missing.txt", tmp_path / "folder"
+    folder.mkdir()
+    cases = [
+        (["evaluate", "--data", f"wikitext2,{missing}"], "does not exist"),
+        (["prune", "--layers", "1", "--data", folder], "is a directory"),
+        (["prune", "--metric", "bi", "--num_layers", "1", "--calibration_data", missing], "does not exist"),
+        (["score", "--metric", "bi", "--calibration_data", missing], "does not exist"),
+        (["merge", "--num_layers", "1", "--calibration_data", missing], "does not exist"),
+        (["sparsify", "--sparsity", "0.5", "--data", missing], "does not exist"),
+    ]
+    for args, fragment in cases:
+        out_dir = tmp_path / "out"
+        code, _, err = run_cli(capsys, *args, "--model", tiny_dir, "--seq_len", 32, "--output_dir", out_dir)
+        assert_one_line_error(code, err, fragment)
+        assert not out_dir.exists(), args

@@ -1,8 +1,11 @@
 """Pieces every command shares: checked model loading, evaluation blocks, run settings."""
 
+from collections.abc import Iterable
+
 import torch
 
-from lightning_prune.data.text import NAMED_CORPORA, corpus_file, data_key, load_blocks
+from lightning_prune.data.tasks import is_task
+from lightning_prune.data.text import NAMED_CORPORA, corpus_file, data_key, load_blocks, local_data_file
 from lightning_prune.errors import InputError
 from lightning_prune.evaluation.perplexity import perplexity
 from lightning_prune.model.loading import load_config, load_model
@@ -35,11 +38,17 @@ def check_seq_len(seq_len: int, config) -> None:
         raise InputError(f"seq_len={seq_len} exceeds the model's maximum of {limit} positions; use 1..{limit}")
 
 
-def load_checked_model(model: str, *, dtype: str, device: str, seq_len: int | None = None):
-    """Validate the model name (and ``seq_len`` against it) before loading weights."""
+def load_checked_model(model: str, *, dtype: str, device: str, seq_len: int | None = None, data: Iterable[str] = ()):
+    """Validate the model name, ``seq_len`` against it and the local ``data`` files before loading weights.
+
+    ``data`` lists text sources (shortcuts, files, dataset names); bundled task names are skipped.
+    """
     config = load_config(model)
     if seq_len is not None:
         check_seq_len(seq_len, config)
+    for source in data:
+        if not is_task(source):
+            local_data_file(source)
     return load_model(model, dtype=dtype, device=torch.device(device))
 
 

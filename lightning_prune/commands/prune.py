@@ -4,7 +4,8 @@ save the model, report perplexity before/after."""
 import time
 
 from lightning_prune.commands.common import EvaluationData, check_seq_len, load_checked_model, parse_indices, run_record, split_names
-from lightning_prune.commands.score import is_task, load_scoring_data
+from lightning_prune.commands.score import load_scoring_data
+from lightning_prune.data.tasks import is_task
 from lightning_prune.compensation import make_compensation
 from lightning_prune.errors import InputError
 from lightning_prune.importance import ScoringOptions, metric_name
@@ -84,7 +85,7 @@ def prune(
     config = load_config(model)
     check_seq_len(seq_len, config)
     explicit = _check_target(config, layers, num_layers, ratio, metric, (protect_first, protect_last))
-    lm, tokenizer = load_checked_model(model, dtype=dtype, device=device, seq_len=seq_len)
+    lm, tokenizer = load_checked_model(model, dtype=dtype, device=device, seq_len=seq_len, data=[*split_names(data), calibration_data])
     make_compensation(compensation).check(lm)
     evaluation = EvaluationData(tokenizer, split_names(data), seq_len=seq_len, num_samples=num_samples)
     scoring = blocks = None

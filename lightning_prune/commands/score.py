@@ -1,12 +1,11 @@
 """``lightning-prune score``: one importance score per decoder layer, as JSON and a bar plot."""
 
 import math
-from pathlib import Path
 
 import torch
 
 from lightning_prune.commands.common import check_seq_len, data_location, load_checked_model, run_record
-from lightning_prune.data.tasks import TASK_NAMES, encode_items, load_task, task_text
+from lightning_prune.data.tasks import encode_items, is_task, load_task, task_text
 from lightning_prune.data.text import data_key, load_blocks, token_blocks, tokenize_text
 from lightning_prune.evaluation.plots import score_bars
 from lightning_prune.errors import InputError
@@ -14,19 +13,7 @@ from lightning_prune.importance import ScoringOptions, metric_name, score_layers
 from lightning_prune.model.loading import load_config
 from lightning_prune.results import RunDirectory
 
-__all__ = ["score", "is_task", "load_scoring_data", "check_fresh"]
-
-
-def is_task(source: str) -> bool:
-    """A bundled task name, or a jsonl file whose first record has a ``query`` field."""
-    if source in TASK_NAMES:
-        return True
-    path = Path(source)
-    if path.suffix != ".jsonl" or not path.is_file():
-        return False
-    with path.open(encoding="utf-8") as handle:
-        first = next((line for line in handle if line.strip()), "")
-    return '"query"' in first
+__all__ = ["score", "load_scoring_data", "check_fresh"]
 
 
 def load_scoring_data(tokenizer, source: str, metric: str, *, seq_len: int, num_samples: int, seed: int):
@@ -89,7 +76,7 @@ def score(
     run = RunDirectory(output_dir, overwrite)
     check_fresh(run, "scores.json")
     check_seq_len(seq_len, load_config(model))
-    lm, tokenizer = load_checked_model(model, dtype=dtype, device=device, seq_len=seq_len)
+    lm, tokenizer = load_checked_model(model, dtype=dtype, device=device, seq_len=seq_len, data=[calibration_data])
     data, _ = load_scoring_data(tokenizer, calibration_data, metric, seq_len=seq_len, num_samples=calibration_samples, seed=seed)
     options = ScoringOptions(batch_size=batch_size, seed=seed, block_size=block_size)
     scores = _finite(score_layers(lm, data, metric, options))

@@ -103,7 +103,7 @@ def sparsify(
         check_widths(load_config(model), pattern)
         if allocation != "uniform":
             check_mixed(pattern)
-    lm, tokenizer = load_checked_model(model, dtype=dtype, device=device, seq_len=seq_len)
+    lm, tokenizer = load_checked_model(model, dtype=dtype, device=device, seq_len=seq_len, data=[*split_names(eval_data), data])
     evaluation = EvaluationData(tokenizer, split_names(eval_data), seq_len=seq_len, num_samples=eval_samples)
     blocks = load_blocks(tokenizer, data, split="validation", seq_len=seq_len, num_samples=calibration_samples, seed=seed)
     settings.update(alpha=alpha, sparsity=target, data_files=evaluation.files, calibration_file=data_location(data, "validation"))

@@ -23,6 +23,7 @@ __all__ = [
     "encode_items",
     "chance_accuracy",
     "task_text",
+    "is_task",
 ]
 
 TASK_NAMES = ("arc_easy", "piqa", "boolq")
@@ -111,3 +112,15 @@ def chance_accuracy(items: list[MultipleChoiceItem] | list[EncodedItem]) -> floa
 def task_text(items: list[MultipleChoiceItem]) -> str:
     """Plain text of a task (query and gold answer per item), for cosine metrics on the same data."""
     return "\n\n".join(item.query + TARGET_DELIMITER + item.choices[item.gold] for item in items)
+
+
+def is_task(source: str) -> bool:
+    """A bundled task name, or a jsonl file whose first record has a ``query`` field."""
+    if source in TASK_NAMES:
+        return True
+    path = Path(source)
+    if path.suffix != ".jsonl" or not path.is_file():
+        return False
+    with path.open(encoding="utf-8") as handle:
+        first = next((line for line in handle if line.strip()), "")
+    return '"query"' in first

@@ -77,20 +77,31 @@ def _read_hf_dataset(name: str, split: str, field: str) -> str:
     return "\n\n".join(dataset[field])
 
 
+def local_data_file(source: str, split: str = "test") -> Path | None:
+    """The file behind a data source (``None`` for a Hugging Face dataset name).
+
+    Raises at once for a path that does not exist, a directory or an empty file, so a command
+    can check its data before it loads any weights.
+    """
+    if source in NAMED_CORPORA:
+        return corpus_file(source, split)
+    path = Path(source).expanduser()
+    if not path.exists():
+        if source.startswith(("/", ".", "~")) or path.suffix in _FILE_SUFFIXES:
+            raise MissingInputError(f"data file {source!r} does not exist; pass a text/jsonl file or one of {', '.join(NAMED_CORPORA)}")
+        return None
+    if path.is_dir():
+        raise InputError(f"data path {source!r} is a directory; pass a text or jsonl file")
+    if path.stat().st_size == 0:
+        raise InputError(f"data file {source!r} is empty; pass a file with text in it")
+    return path
+
+
 def read_text(source: str, split: str = "test", *, text_field: str = "text") -> str:
     """Read the raw text of a shortcut, a text/jsonl file, or a Hugging Face dataset name."""
-    if source in NAMED_CORPORA:
-        path = corpus_file(source, split)
-    else:
-        path = Path(source).expanduser()
-        if not path.exists():
-            if source.startswith(("/", ".", "~")) or path.suffix in _FILE_SUFFIXES:
-                raise MissingInputError(
-                    f"data file {source!r} does not exist; pass a text/jsonl file or one of {', '.join(NAMED_CORPORA)}"
-                )
-            return _read_hf_dataset(source, split, text_field)
-        if path.is_dir():
-            raise InputError(f"data path {source!r} is a directory; pass a text or jsonl file")
+    path = local_data_file(source, split)
+    if path is None:
+        return _read_hf_dataset(source, split, text_field)
     text = _read_jsonl(path, text_field) if path.suffix == ".jsonl" else path.read_text(encoding="utf-8")
     if not text.strip():
         raise InputError(f"data file {source!r} is empty; pass a file with text in it")
