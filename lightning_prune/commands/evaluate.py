@@ -47,8 +47,9 @@ def evaluate(
     if task_names:
         check_task_options(limit, num_fewshot)
         resolve_tasks(task_names, task_dir)
-    lm, tokenizer = load_checked_model(model, dtype=dtype, device=device, seq_len=seq_len, data=split_names(data))
-    evaluation = EvaluationData(tokenizer, split_names(data), seq_len=seq_len, num_samples=num_samples)
+    sources = split_names(data)
+    lm, tokenizer = load_checked_model(model, dtype=dtype, device=device, seq_len=seq_len, data=sources)
+    evaluation = EvaluationData(tokenizer, sources, seq_len=seq_len, num_samples=num_samples)
     settings["data_files"] = evaluation.files
     values = evaluation.evaluate(lm, batch_size=batch_size)
     if task_names:

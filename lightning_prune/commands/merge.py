@@ -56,8 +56,9 @@ def merge(
     run = RunDirectory(output_dir, overwrite)
     run.check()
     target_depth = check_merge_request(load_config(model), method, num_layers, p, rho)
-    lm, tokenizer = load_checked_model(model, dtype=dtype, device=device, seq_len=seq_len, data=[*split_names(data), calibration_data])
-    evaluation = EvaluationData(tokenizer, split_names(data), seq_len=seq_len, num_samples=num_samples)
+    sources = split_names(data)
+    lm, tokenizer = load_checked_model(model, dtype=dtype, device=device, seq_len=seq_len, data=[*sources, calibration_data])
+    evaluation = EvaluationData(tokenizer, sources, seq_len=seq_len, num_samples=num_samples)
     calibration = load_blocks(tokenizer, calibration_data, split="validation", seq_len=seq_len, num_samples=calibration_samples, seed=seed)
     settings["data_files"] = evaluation.files
     before = evaluation.evaluate(lm, batch_size=batch_size)

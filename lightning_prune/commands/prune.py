@@ -85,9 +85,10 @@ def prune(
     config = load_config(model)
     check_seq_len(seq_len, config)
     explicit = _check_target(config, layers, num_layers, ratio, metric, (protect_first, protect_last))
-    lm, tokenizer = load_checked_model(model, dtype=dtype, device=device, seq_len=seq_len, data=[*split_names(data), calibration_data])
+    sources = split_names(data)
+    lm, tokenizer = load_checked_model(model, dtype=dtype, device=device, seq_len=seq_len, data=[*sources, calibration_data])
     make_compensation(compensation).check(lm)
-    evaluation = EvaluationData(tokenizer, split_names(data), seq_len=seq_len, num_samples=num_samples)
+    evaluation = EvaluationData(tokenizer, sources, seq_len=seq_len, num_samples=num_samples)
     scoring = blocks = None
     if explicit is None or compensation != "none":
         scoring, blocks = load_scoring_data(tokenizer, calibration_data, metric, seq_len=seq_len, num_samples=calibration_samples, seed=seed)

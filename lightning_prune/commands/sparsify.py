@@ -103,8 +103,9 @@ def sparsify(
         check_widths(load_config(model), pattern)
         if allocation != "uniform":
             check_mixed(pattern)
-    lm, tokenizer = load_checked_model(model, dtype=dtype, device=device, seq_len=seq_len, data=[*split_names(eval_data), data])
-    evaluation = EvaluationData(tokenizer, split_names(eval_data), seq_len=seq_len, num_samples=eval_samples)
+    sources = split_names(eval_data)
+    lm, tokenizer = load_checked_model(model, dtype=dtype, device=device, seq_len=seq_len, data=[*sources, data])
+    evaluation = EvaluationData(tokenizer, sources, seq_len=seq_len, num_samples=eval_samples)
     blocks = load_blocks(tokenizer, data, split="validation", seq_len=seq_len, num_samples=calibration_samples, seed=seed)
     settings.update(alpha=alpha, sparsity=target, data_files=evaluation.files, calibration_file=data_location(data, "validation"))
     before = evaluation.evaluate(lm, batch_size=batch_size)
