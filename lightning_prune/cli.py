@@ -7,10 +7,13 @@ LightningModule, a DataModule and callbacks from a YAML config. Bad input gives 
 stderr and exit code 2.
 """
 
+import inspect
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Callable
+from dataclasses import fields
 
 from jsonargparse import ArgumentParser
 
@@ -48,17 +51,32 @@ def build_parser(commands: dict[str, Callable]) -> ArgumentParser:
     subcommands = parser.add_subcommands(dest="command")
     for name, function in commands.items():
         sub = _OneLineParser(prog=f"{PROG} {name}", description=_summary(function))
-        sub.add_function_arguments(function, as_group=False)
+        stage_class = getattr(function, "stage_class", None)
+        sub.add_function_arguments(function, as_group=False, skip={"stage"} if stage_class else None)
+        if stage_class:
+            shared = set(inspect.signature(function).parameters)
+            sub.add_class_arguments(stage_class, None, as_group=False, skip=shared & {f.name for f in fields(stage_class)},
+                                    instantiate=False)
         subcommands.add_subcommand(name, sub, help=_summary(function))
     return parser
 
 
-def _input_error_in_chain(error: BaseException) -> InputError | None:
-    """The :class:`InputError` behind an exception, if any (jsonargparse wraps the ones
-    raised while it instantiates classes from a YAML)."""
+def _call(function: Callable, options: dict):
+    """Call a command; a staged command gets its stage built from the stage's flags (shared ones go to both)."""
+    stage_class = getattr(function, "stage_class", None)
+    if stage_class is None:
+        return function(**options)
+    names = {f.name for f in fields(stage_class)}
+    parameters = set(inspect.signature(function).parameters)
+    stage = stage_class(**{key: value for key, value in options.items() if key in names})
+    return function(stage, **{key: value for key, value in options.items() if key in parameters})
+
+
+def _in_chain(error: BaseException, kind: type) -> BaseException | None:
+    """The exception of type ``kind`` behind ``error``, if any."""
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, InputError):
+        if isinstance(error, kind):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
@@ -67,12 +85,21 @@ def _input_error_in_chain(error: BaseException) -> InputError | None:
 
 def lightning_main(args: list[str] | None = None) -> None:
     """Run the LightningCLI (``fit``/``validate``/``test``) with our modules and callbacks."""
+    from lightning_prune.callbacks.stage import PlanOnly
     from lightning_prune.lightning_cli import PruneCLI
 
+    from lightning_prune.recipes import resolve_config_args
+
+    # the console script passes its own argv on as args (after resolving recipe names)
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
-        PruneCLI(args=args)
+        PruneCLI(args=resolve_config_args(sys.argv[1:] if args is None else args))
     except Exception as error:
-        cause = _input_error_in_chain(error)
+        plan = _in_chain(error, PlanOnly)
+        if plan is not None:
+            print(f"dry run: plan written to {plan}; nothing was trained")
+            return
+        cause = _in_chain(error, InputError)
         if cause is None:
             raise
         _fail(str(cause))
@@ -89,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     config = build_parser(COMMANDS).parse_args(argv)
     options = config[config.command].as_dict()
     try:
-        result = COMMANDS[config.command](**options)
+        result = _call(COMMANDS[config.command], options)
     except InputError as error:
         _fail(str(error))
     print(json.dumps(result, indent=2, default=str))

@@ -1,25 +1,140 @@
-"""``LightningCLI`` for recipes: ``python train.py fit --config configs/<recipe>.yaml``.
+"""``LightningCLI`` for recipes: ``lightning-prune fit --config <recipe>`` (or ``python train.py fit ...``).
 
-Model, data and callbacks are named explicitly by ``class_path`` in the YAML, so a
-recipe reads as the list of stages it runs.
+A recipe names its LightningModule and DataModule by ``class_path`` and adds top-level
+sections that every flag can reach:
+
+- ``run_dir``: the one output location: ``config.yaml``, ``decisions.json``, ``metrics.json``,
+  ``model/``, ``adapter/``, ``checkpoints/`` (ModelCheckpoints without a ``dirpath``) and
+  ``logs/`` (a CSV logger, unless the recipe sets ``trainer.logger``);
+- ``stages``: stage names in order (``prune``, ``merge``, ``sparsify``), each configured by its
+  own section (``prune:``, ``merge:``, ``sparsify:``; e.g. ``--prune.num_layers 3``);
+- ``evaluation``: what ``metrics.json`` measures (``--evaluate false`` turns it off);
+- ``dry_run``: plan, write ``decisions.json``, print the plan, stop before training.
+
+``model.init_args.model`` is linked to ``data.init_args.tokenizer``: changing the model changes
+the tokenizer. ``--ckpt_path`` (``fit``, ``validate``, ``test``) is handed to the
+:class:`~lightning_prune.callbacks.stage.StageCallback`, which rebuilds the checkpoint's decided
+architecture before Lightning loads its weights.
 """
 
-from lightning.pytorch.cli import LightningCLI
+import difflib
+from pathlib import Path
 
-__all__ = ["PruneCLI"]
+from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import ActionConfigFile
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_prune.callbacks.stage import StageCallback
+from lightning_prune.errors import InputError
+from lightning_prune.evaluation.suite import EvaluationSuite
+from lightning_prune.model.loading import load_config
+from lightning_prune.results import RunDirectory
+from lightning_prune.stages import STAGES, check_stages
+
+__all__ = ["PruneCLI", "RunConfig", "RecipeParser", "RecipeError"]
+
+
+class RecipeError(InputError):
+    """A recipe or flag that does not parse; the CLI prints its first line."""
+
+
+class RecipeParser(LightningArgumentParser):
+    """Parser whose errors are one :class:`RecipeError` instead of usage text plus a nested message."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        raise RecipeError(_condensed(message))
+
+
+def _condensed(message: str) -> str:
+    """The essential line of a jsonargparse message, with the valid options of a mistyped stage key."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    first = lines[0] if lines else "invalid recipe"
+    for line in lines:
+        if "unrecognized arguments" in line or "does not accept nested key" in line or "No action for key" in line:
+            first = line
+    for name, stage in STAGES.items():
+        if f"{name}." in first or f"'{name}" in first:
+            fields = sorted(stage.__dataclass_fields__)
+            return f"{first}; valid {name} options: {', '.join(fields)}"
+    return first
+
+
+class RunConfig(SaveConfigCallback):
+    """Writes the parsed recipe to ``run_dir/config.yaml`` (rank 0, atomically) when ``fit`` starts."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            text = self.parser.dump(self.config, skip_none=False)
+            RunDirectory(self.config["run_dir"], overwrite=True).write_text("config.yaml", text)
+
+
+def _stage_names(names: list[str]) -> list[str]:
+    for name in names:
+        if name not in STAGES:
+            close = difflib.get_close_matches(name, STAGES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise InputError(f"stages: {name!r} is not a stage{hint}; choose from {', '.join(STAGES)}")
+    return list(names)
 
 
 class PruneCLI(LightningCLI):
-    """LightningCLI with any LightningModule / LightningDataModule chosen by ``class_path``."""
+    """LightningCLI with the run directory, stage sections, evaluation and the model-tokenizer link."""
 
     def __init__(self, args=None, **kwargs):
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", RunConfig)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True, "save_to_log_dir": False})
         kwargs.setdefault("seed_everything_default", 0)
-        super().__init__(
-            model_class=None,
-            datamodule_class=None,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            args=args,
-            **kwargs,
-        )
+        self.stage_callback: StageCallback | None = None
+        super().__init__(model_class=None, datamodule_class=None, subclass_mode_model=True, subclass_mode_data=True,
+                         args=args, **kwargs)
+
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        parser = RecipeParser(**kwargs)
+        parser.add_argument("-c", "--config", action=ActionConfigFile, help="A recipe: a YAML path or a shipped recipe name.")
+        return parser
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run_dir", type=str, default="runs/run", help="The one output directory of the run.")
+        parser.add_argument("--stages", type=list[str], default=[], help=f"Stage names in order, from: {', '.join(STAGES)}.")
+        for name, stage in STAGES.items():
+            parser.add_class_arguments(stage, name, instantiate=True)
+        parser.add_class_arguments(EvaluationSuite, "evaluation", instantiate=True)
+        parser.add_argument("--evaluate", type=bool, default=True, help="Measure dense, after each stage and after training.")
+        parser.add_argument("--dry_run", type=bool, default=False, help="Plan, write decisions.json, print the plan, stop.")
+        parser.link_arguments("model.init_args.model", "data.init_args.tokenizer")
+
+    def instantiate_trainer(self, **kwargs):
+        config = self.config_init[self.subcommand]
+        run_dir = Path(config["run_dir"])
+        stages = [config[name] for name in _stage_names(config["stages"])]
+        model_source = getattr(self.model.hparams, "model", None)
+        if model_source is not None:
+            check_stages(stages, load_config(model_source))
+        if config["evaluate"]:
+            config["evaluation"].check()
+        self.stage_callback = StageCallback(stages, evaluation=config["evaluation"] if config["evaluate"] else None,
+                                            run_dir=str(run_dir), dry_run=config["dry_run"], source=model_source)
+        trainer = config["trainer"]
+        callbacks = list(trainer.get("callbacks") or [])
+        for callback in callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                callback.dirpath = str(run_dir / "checkpoints")
+        kwargs.update(callbacks=[self.stage_callback, *callbacks], default_root_dir=str(run_dir))
+        if trainer.get("logger") in (None, True):
+            kwargs["logger"] = CSVLogger(save_dir=str(run_dir), name="", version="logs")
+        return super().instantiate_trainer(**kwargs)
+
+    def _hand_checkpoint(self) -> None:
+        path = self.config[self.subcommand].get("ckpt_path")
+        if path:
+            self.stage_callback.resume_from = str(path)
+
+    def before_fit(self) -> None:
+        self._hand_checkpoint()
+
+    def before_validate(self) -> None:
+        self._hand_checkpoint()
+
+    def before_test(self) -> None:
+        self._hand_checkpoint()

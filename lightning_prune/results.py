@@ -17,9 +17,10 @@ from torch import nn
 
 from lightning_prune.errors import InputError
 
-__all__ = ["RESULT_NAMES", "RunDirectory", "package_versions", "count_parameters", "model_summary"]
+__all__ = ["RESULT_NAMES", "RunDirectory", "package_versions", "count_parameters", "weight_bytes", "model_summary"]
 
 RESULT_NAMES = ("config.yaml", "metrics.json", "decisions.json", "model")
+FILE_MODE, DIRECTORY_MODE = 0o644, 0o755
 _PACKAGES = ("lightning-prune", "torch", "transformers", "lightning", "torchmetrics", "peft", "bitsandbytes", "lm_eval")
 
 
@@ -39,9 +40,22 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct parameters (tied matrices once): what ``model.safetensors`` holds, less its header."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
 def model_summary(model: nn.Module) -> dict:
-    """Layer and parameter counts of a model, as stored in ``metrics.json``."""
-    return {"num_layers": model.config.num_hidden_layers, "num_parameters": count_parameters(model)}
+    """Layer, parameter and weight-byte counts of a model, as stored in ``metrics.json``."""
+    return {"num_layers": model.config.num_hidden_layers, "num_parameters": count_parameters(model),
+            "num_bytes": weight_bytes(model)}
+
+
+def _readable(directory: Path) -> None:
+    """Give a staged directory tree the usual modes (mkdtemp/mkstemp create 0700/0600)."""
+    os.chmod(directory, DIRECTORY_MODE)
+    for path in directory.rglob("*"):
+        os.chmod(path, DIRECTORY_MODE if path.is_dir() else FILE_MODE)
 
 
 class RunDirectory:
@@ -80,6 +94,7 @@ class RunDirectory:
         handle, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=self.path)
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
+        os.chmod(temporary, FILE_MODE)
         return self._publish(Path(temporary), name)
 
     def write_json(self, name: str, data: dict) -> Path:
@@ -98,7 +113,28 @@ class RunDirectory:
             model.save_pretrained(temporary, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(temporary)
+            _readable(temporary)
         except BaseException:
             shutil.rmtree(temporary, ignore_errors=True)
             raise
         return self._publish(temporary, name)
+
+    def write_tensors(self, name: str, tensors: dict) -> Path:
+        """Write tensors as a safetensors file atomically."""
+        from safetensors.torch import save_file
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=self.path)
+        os.close(handle)
+        save_file(tensors, temporary)
+        os.chmod(temporary, FILE_MODE)
+        return self._publish(Path(temporary), name)
+
+    def write_plan(self, body: dict, tensors: dict) -> Path:
+        """``decisions.json`` and, when there are tensors, ``decisions.safetensors`` (tensors first)."""
+        stale = self.path / "decisions.safetensors"
+        if tensors:
+            self.write_tensors(stale.name, tensors)
+        elif stale.exists():
+            stale.unlink()
+        return self.write_json("decisions.json", body)

@@ -1,5 +1,6 @@
 """CLI subcommands: plain functions whose signatures are the command-line options."""
 
+from lightning_prune.commands.apply import apply
 from lightning_prune.commands.demo import demo
 from lightning_prune.commands.evaluate import evaluate
 from lightning_prune.commands.merge import merge
@@ -13,6 +14,7 @@ COMMANDS = {
     "prune": prune,
     "merge": merge,
     "sparsify": sparsify,
+    "apply": apply,
     "demo": demo,
     "score": score,
     "relevance": relevance,

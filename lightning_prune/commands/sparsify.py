@@ -7,18 +7,10 @@ Writes ``model/``, ``decisions.json`` (per-layer sparsity, statistics, N:M patte
 
 import os
 import tempfile
-import time
 from pathlib import Path
 
-from lightning_prune.commands.common import EvaluationData, data_location, load_checked_model, run_record, split_names
-from lightning_prune.data.text import load_blocks
-from lightning_prune.results import RunDirectory
-from lightning_prune.sparsity.allocation import check_allocation
-from lightning_prune.sparsity.masks import measure_sparsity
-from lightning_prune.model.loading import load_config
-from lightning_prune.sparsity.nm import check_mixed, check_widths, parse_pattern, resolve_sparsity
-from lightning_prune.sparsity.sequential import check_method
-from lightning_prune.sparsity.sequential import sparsify as sparsify_model
+from lightning_prune.commands.staged import run_stage
+from lightning_prune.stages import SparsifyStage
 
 __all__ = ["sparsify", "plot_layer_sparsity"]
 
@@ -46,19 +38,9 @@ def plot_layer_sparsity(path: Path, layer_sparsity: list[float], target: float, 
     return path
 
 
-def _decisions(result, **settings) -> dict:
-    """``decisions.json``: the settings that decide, then per-layer sparsity, statistic and N:M pattern."""
-    return {**settings, "layer_sparsity": result.layer_sparsity, "layer_statistic": result.layer_statistic,
-            "layer_patterns": result.layer_patterns}
-
-
 def sparsify(
+    stage: SparsifyStage,
     model: str = "demo",
-    method: str = "wanda",
-    allocation: str = "dlp",
-    sparsity: float | None = None,
-    alpha: float | None = None,
-    structure: str = "",
     data: str = "c4",
     calibration_samples: int = 128,
     seq_len: int = 128,
@@ -70,16 +52,13 @@ def sparsify(
     device: str = "cpu",
     output_dir: str = "runs/sparsify",
     overwrite: bool = False,
+    dry_run: bool = False,
 ) -> dict:
     """Prune the decoder's projection weights to a sparsity, allocated per layer (uniform, OWL or DLP).
 
     Args:
+        stage: the sparsity options (flattened into this command's flags).
         model: 'demo', a Hugging Face Hub id, a local model directory or a .gguf file.
-        method: magnitude, wanda or sparsegpt.
-        allocation: uniform, owl or dlp (per-layer sparsity; 003 Eq. 5-6 for dlp).
-        sparsity: fraction of weights to prune in [0, 1) (default 0.5; with --structure it is 1 - N/M).
-        alpha: DLP alpha / OWL lambda in (0, 0.5] (default: dlp 0.15, owl 0.08).
-        structure: N:M pattern such as 2:4 or 4:8 (N kept of every M); mixed N:M with owl/dlp.
         data: calibration source (c4, wikitext2, text/jsonl path), validation split.
         calibration_samples: calibration blocks.
         seq_len: tokens per calibration and evaluation block.
@@ -91,37 +70,18 @@ def sparsify(
         device: e.g. cpu, cuda.
         output_dir: run directory for model/, decisions.json, metrics.json and the PNG.
         overwrite: replace results already in output_dir.
+        dry_run: plan, print the decision and write only decisions.json (no model, no evaluation).
     """
-    settings = dict(locals())
-    run = RunDirectory(output_dir, overwrite)
-    run.check()
-    check_method(method)
-    pattern = parse_pattern(structure)
-    target = resolve_sparsity(sparsity, pattern)
-    alpha = check_allocation(allocation, target, alpha)
-    if pattern:
-        check_widths(load_config(model), pattern)
-        if allocation != "uniform":
-            check_mixed(pattern)
-    sources = split_names(eval_data)
-    lm, tokenizer = load_checked_model(model, dtype=dtype, device=device, seq_len=seq_len, data=[*sources, data])
-    evaluation = EvaluationData(tokenizer, sources, seq_len=seq_len, num_samples=eval_samples)
-    blocks = load_blocks(tokenizer, data, split="validation", seq_len=seq_len, num_samples=calibration_samples, seed=seed)
-    settings.update(alpha=alpha, sparsity=target, data_files=evaluation.files, calibration_file=data_location(data, "validation"))
-    before = evaluation.evaluate(lm, batch_size=batch_size)
-    start = time.perf_counter()
-    result = sparsify_model(
-        lm, blocks, method=method, allocation=allocation, sparsity=target, alpha=alpha, pattern=pattern, batch_size=batch_size
-    )
-    seconds = time.perf_counter() - start
-    measured = measure_sparsity(lm)
-    after = evaluation.evaluate(lm, batch_size=batch_size)
-    decisions = _decisions(result, method=method, allocation=allocation, target_sparsity=target, alpha=alpha,
-                           structure=str(pattern) if pattern else None)
-    run.save_model(lm, tokenizer)
-    run.write_json("decisions.json", decisions)
-    run.write_config(settings)
-    plot_layer_sparsity(run.path / PLOT_NAME, result.layer_sparsity, target, f"{method} + {allocation} (alpha={alpha})")
-    record = run_record(settings, before=before, after=after, measured_sparsity=measured, sparsify_seconds=seconds)
-    run.write_json("metrics.json", record)
-    return {**record, "decisions": decisions}
+    settings = {k: v for k, v in locals().items() if k != "stage"}
+    result = run_stage(stage, settings, model=model, calibration_data=data, calibration_samples=calibration_samples, seed=seed,
+                       eval_data=eval_data, eval_samples=eval_samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
+                       device=device, output_dir=output_dir, overwrite=overwrite, dry_run=dry_run)
+    if not dry_run:
+        decision = result["decisions"]["decisions"][0]
+        _, target, alpha = stage.resolved()
+        plot_layer_sparsity(Path(output_dir) / PLOT_NAME, decision["layer_sparsity"], target,
+                            f"{stage.method} + {stage.allocation} (alpha={alpha})")
+    return result
+
+
+sparsify.stage_class = SparsifyStage

@@ -1,8 +1,14 @@
-"""Perplexity over token blocks: exp(mean next-token NLL over all predicted positions)."""
+"""Perplexity over token blocks: exp(mean next-token NLL over all predicted positions).
+
+Plain PyTorch on purpose: no collective runs inside, so one rank can evaluate while the
+others wait at a barrier (a syncing metric would deadlock there).
+"""
+
+import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torchmetrics.text import Perplexity
 from tqdm.auto import tqdm
 
 __all__ = ["perplexity"]
@@ -18,12 +24,14 @@ def perplexity(
     causal-LM loss over the same blocks whatever the model's dtype.
     """
     device = next(model.parameters()).device
-    metric = Perplexity().to(device)
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     was_training = model.training
     model.eval()
     for start in tqdm(range(0, len(blocks), batch_size), desc=desc, disable=not progress, leave=False):
         batch = blocks[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        metric.update(logits[:, :-1], batch[:, 1:])
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        targets = batch[:, 1:]
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").double()
+        count += targets.numel()
     model.train(was_training)
-    return float(metric.compute())
+    return math.exp(float(total) / count) if count else float("nan")

@@ -1,8 +1,10 @@
 """``CausalLMModule``: a Hugging Face causal LM trained with the next-token loss.
 
 The base of every training stage. The model is loaded by name in :meth:`configure_model`
-(idempotent), so callbacks that change the architecture in ``setup("fit")`` call it first
-and optimizers only ever see the final architecture. Subclasses decide which parameters
+(idempotent), so :class:`~lightning_prune.callbacks.stage.StageCallback` (which changes the
+architecture in ``setup("fit")``) calls it first and optimizers only ever see the final
+architecture; the decisions it applied arrive through :meth:`receive_decisions`. Saving the
+model is the callback's job (it knows the decisions' export fix-ups). Subclasses decide which parameters
 train (:meth:`trainable_parameters`) and how the model is wrapped (:meth:`prepare_model`).
 """
 
@@ -10,8 +12,10 @@ import lightning as L
 import torch
 from torchmetrics.text import Perplexity
 
+from lightning_prune.errors import InputError
 from lightning_prune.model.loading import load_model
 from lightning_prune.modules.optim import adamw_cosine
+from lightning_prune.stages.plan import checkpoint_decisions, same_decisions
 
 __all__ = ["CausalLMModule"]
 
@@ -25,7 +29,6 @@ class CausalLMModule(L.LightningModule):
         learning_rate: peak AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps before the cosine decay.
-        save_dir: if set, the final model is saved there (Hugging Face format) at the end of fit.
     """
 
     def __init__(
@@ -35,12 +38,12 @@ class CausalLMModule(L.LightningModule):
         learning_rate: float = 1e-5,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
-        save_dir: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.model = None
         self.tokenizer = None
+        self.decisions: list = []
         self.val_perplexity = Perplexity()
 
     def configure_model(self) -> None:
@@ -84,8 +87,16 @@ class CausalLMModule(L.LightningModule):
         """The plain Hugging Face model to save (subclasses merge adapters here)."""
         return self.model
 
-    def on_fit_end(self) -> None:
-        if self.hparams.save_dir and self.trainer.is_global_zero:
-            from lightning_prune.results import RunDirectory
+    def receive_decisions(self, decisions: list) -> None:
+        """The stage decisions applied to ``self.model`` (from ``StageCallback.setup``)."""
+        self.decisions = list(decisions)
 
-            RunDirectory(self.hparams.save_dir, overwrite=True).save_model(self.export_model(), self.tokenizer)
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse, before any weight loads, a checkpoint taken after other stage decisions."""
+        stored = checkpoint_decisions(checkpoint)
+        if stored is not None and not same_decisions(stored, self.decisions):
+            raise InputError(
+                f"checkpoint was written after {[d.summary() for d in stored]} but this run applied "
+                f"{[d.summary() for d in self.decisions] or 'no stages'}; resume through StageCallback(resume_from=<checkpoint>) "
+                "(the CLI does this for --ckpt_path)"
+            )

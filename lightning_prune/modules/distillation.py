@@ -56,7 +56,6 @@ class LayerwiseDistillation(CausalLMModule):
         teacher_forced: mp only: feed the teacher's boundary hidden state into the merged layer.
         cache_memory_mb: teacher-forced boundary cache budget in memory; the rest goes to disk.
         cache_dir: where spilled boundary states go (default: a temporary directory).
-        save_dir: if set, the distilled model is saved there at the end of fit.
     """
 
     def __init__(
@@ -72,7 +71,6 @@ class LayerwiseDistillation(CausalLMModule):
         teacher_forced: bool = False,
         cache_memory_mb: int = 1024,
         cache_dir: str | None = None,
-        save_dir: str | None = None,
     ):
         if mode not in DISTILLATION_MODES:
             raise InputError(f"mode {mode!r} is not known; choose one of {', '.join(DISTILLATION_MODES)}")
@@ -80,7 +78,7 @@ class LayerwiseDistillation(CausalLMModule):
             raise InputError("teacher_forced applies to mode 'mp' only; set mode: mp or teacher_forced: false")
         if epochs_per_layer < 1:
             raise InputError(f"epochs_per_layer {epochs_per_layer} must be >= 1")
-        super().__init__(model=model, dtype=dtype, learning_rate=learning_rate, weight_decay=weight_decay, warmup_steps=warmup_steps, save_dir=save_dir)
+        super().__init__(model=model, dtype=dtype, learning_rate=learning_rate, weight_decay=weight_decay, warmup_steps=warmup_steps)
         self.save_hyperparameters()
         self.automatic_optimization = mode == "sp"
         self.teacher = None
@@ -97,6 +95,13 @@ class LayerwiseDistillation(CausalLMModule):
         super().configure_model()
         self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.model.requires_grad_(False)
+
+    def receive_decisions(self, decisions: list) -> None:
+        """Take the merge groups of the merge decision (``StageCallback``); other decisions change no mapping."""
+        super().receive_decisions(decisions)
+        merges = [d for d in decisions if d.kind == "merge"]
+        if merges:
+            self.set_groups(merges[-1].groups)
 
     def set_groups(self, groups: list[list[int]]) -> None:
         """Record the merge (``groups[b]`` = original layers of student layer b) and unfreeze merged layers."""
@@ -137,7 +142,7 @@ class LayerwiseDistillation(CausalLMModule):
 
     def configure_optimizers(self):
         if not self.mapping:
-            raise InputError("no merged layers to distil; add lightning_prune.callbacks.merging.LayerMergingCallback to trainer.callbacks")
+            raise InputError("no merged layers to distil; add a merge stage (recipe: stages: [merge])")
         hp = self.hparams
         if hp.mode == "sp":
             return adamw_cosine(self.trainable_parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay,
@@ -240,13 +245,10 @@ class LayerwiseDistillation(CausalLMModule):
 
     # ----- checkpoints --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep the merge groups; drop the teacher (it is the original model, rebuilt on load)."""
-        checkpoint["merge_groups"] = self.groups
+        """Drop the teacher (it is the original model, rebuilt on load); the merge is in ``checkpoint["decisions"]``."""
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Check the merge fits, then put the live teacher's weights back so the state dict loads strictly."""
-        if checkpoint.get("merge_groups") != self.groups:
-            raise InputError(f"checkpoint merge groups {checkpoint.get('merge_groups')} differ from this run's {self.groups}; "
-                             "resume with lightning_prune.callbacks.merging.LayerMergingCallback in trainer.callbacks")
+        """Check the decisions fit, then put the live teacher's weights back so the state dict loads strictly."""
+        super().on_load_checkpoint(checkpoint)
         checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})

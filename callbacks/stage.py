@@ -1,0 +1,217 @@
+"""``StageCallback``: run a list of stages in ``setup("fit")``, keep their decisions, write the run directory.
+
+When: ``setup`` runs after the process group is up and before ``configure_optimizers``, the
+checkpoint restore and the DDP wrapper, so the optimizer only ever sees the final
+architecture. The module's idempotent ``configure_model`` is called first and the module is
+moved to the training device (``trainer.strategy.root_device``), so calibration runs there.
+
+What it does in one ``fit``:
+
+1. measure the dense model (``evaluation``, rank 0; the others wait at a barrier);
+2. for each stage: ``plan`` on the DataModule's ``calibration_blocks()`` (a stage whose
+   statistics are sums takes this rank's shard and all-reduces through ``reduce``; the others
+   run all blocks on every rank), check that every rank took the same decision, measure again;
+3. write ``decisions.json`` (+ ``decisions.safetensors``) and hand the decisions to the module
+   (``receive_decisions``: distillation trains the merged layers);
+4. while training: ``mask_gradients`` before each optimizer step, ``constrain`` after each batch;
+5. at the end: export (``pl_module.export_model()``, then every decision's ``on_export``),
+   measure, save ``model/`` (and ``adapter/`` for peft) and ``metrics.json``.
+
+Resume / validate / test: with ``resume_from`` (the CLI sets it from ``--ckpt_path``;
+``"last"`` is the newest ``last.ckpt`` of the trainer's ModelCheckpoints) the decisions are read
+from the checkpoint (``weights_only=True``) and replayed without data, so the state dict that
+Lightning loads next fits. ``checkpoint["decisions"]`` is written by ``on_save_checkpoint``.
+"""
+
+import time
+
+import lightning as L
+import torch
+
+from lightning_prune.callbacks.checkpoints import read_checkpoint, resolve_checkpoint
+from lightning_prune.errors import InputError
+from lightning_prune.evaluation.suite import EvaluationSuite
+from lightning_prune.results import RunDirectory, model_summary, package_versions
+from lightning_prune.sparsity.masks import unwrap_model
+from lightning_prune.stages import (
+    CHECKPOINT_KEY,
+    Decision,
+    Stage,
+    apply_decisions,
+    check_stages,
+    checkpoint_decisions,
+    checkpoint_entry,
+    fingerprint,
+    format_plan,
+    plan_json,
+    plan_tensors,
+)
+
+__all__ = ["StageCallback", "PlanOnly"]
+
+
+class PlanOnly(Exception):
+    """Raised after a dry run wrote its plan, to stop ``fit`` before training (the CLI exits 0)."""
+
+
+class StageCallback(L.Callback):
+    """Run stages before fitting and own the run directory.
+
+    Args:
+        stages: stages in order (e.g. ``PruneStage``, ``MergeStage``, ``SparsifyStage``).
+        evaluation: what to measure densely, after each stage and after training (``None``: nothing).
+        run_dir: where ``decisions.json``, ``metrics.json``, ``model/``, ``adapter/`` go
+            (default: ``trainer.default_root_dir``).
+        resume_from: checkpoint whose decisions to rebuild instead of planning (``"last"`` allowed).
+        dry_run: plan, write ``decisions.json``, print the plan and stop before training.
+        save_model: export and save the model at the end of fit.
+        source: the model source to record in the plan (default: the module's ``hparams.model``).
+    """
+
+    def __init__(self, stages: list[Stage] | tuple = (), evaluation: EvaluationSuite | None = None,
+                 run_dir: str | None = None, resume_from: str | None = None, dry_run: bool = False,
+                 save_model: bool = True, source: str | None = None):
+        self.stages, self.evaluation, self.run_dir = list(stages), evaluation, run_dir
+        self.resume_from, self.dry_run, self.save_model, self.source = resume_from, dry_run, save_model, source
+        self.decisions: list[Decision] | None = None
+        self.results: dict[str, dict] = {}
+        self.fingerprint: dict | None = None
+
+    # ----- set-up ---------------------------------------------------------------------------
+    def run(self, trainer: L.Trainer) -> RunDirectory:
+        return RunDirectory(self.run_dir or trainer.default_root_dir, overwrite=True)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.decisions is not None:
+            return
+        pl_module.configure_model()
+        model = pl_module.model
+        self.source = self.source or getattr(pl_module.hparams, "model", None)
+        self.fingerprint = fingerprint(model.config)
+        check_stages(self.stages, model.config)
+        checkpoint = resolve_checkpoint(trainer, self.resume_from)
+        if checkpoint is not None:
+            self.decisions = self._restore(checkpoint, model)
+        elif stage == "fit":
+            self.decisions = self._plan(trainer, pl_module)
+        else:
+            self.decisions = []
+        if callable(getattr(pl_module, "receive_decisions", None)):
+            pl_module.receive_decisions(self.decisions)
+
+    def _restore(self, path, model: torch.nn.Module) -> list[Decision]:
+        decisions = checkpoint_decisions(read_checkpoint(path), where=f"checkpoint {str(path)!r}")
+        if decisions is None:
+            raise InputError(f"checkpoint {str(path)!r} holds no stage decisions; it was not written by a lightning-prune recipe")
+        apply_decisions(model, decisions)
+        return decisions
+
+    def _reduce(self, trainer: L.Trainer):
+        def reduce(tensor: torch.Tensor) -> torch.Tensor:
+            return trainer.strategy.reduce(tensor.to(trainer.strategy.root_device), reduce_op="sum").to(tensor.device)
+
+        return reduce
+
+    def _calibration(self, trainer: L.Trainer) -> torch.Tensor:
+        datamodule = trainer.datamodule
+        if not callable(getattr(datamodule, "calibration_blocks", None)):
+            raise InputError("stages need a DataModule with calibration_blocks(), e.g. lightning_prune.data.datamodule.TextDataModule")
+        return datamodule.calibration_blocks()
+
+    def _shard(self, trainer: L.Trainer, blocks: torch.Tensor, stage: Stage) -> torch.Tensor:
+        if not stage.shards_calibration or trainer.world_size == 1:
+            return blocks
+        if len(blocks) < trainer.world_size:
+            raise InputError(f"{len(blocks)} calibration blocks cannot be shared by {trainer.world_size} ranks; "
+                             "raise data calibration_samples")
+        return blocks[trainer.global_rank :: trainer.world_size]
+
+    def _agree(self, trainer: L.Trainer, decision: Decision) -> None:
+        reference = trainer.strategy.broadcast(decision.signature(), src=0)
+        if reference != decision.signature():
+            raise RuntimeError(f"rank {trainer.global_rank} decided {decision.signature()} but rank 0 decided {reference}; "
+                               "calibration statistics must be reduced over ranks")
+
+    def _plan(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Decision]:
+        pl_module.to(trainer.strategy.root_device)
+        model = pl_module.model
+        before = model_summary(model)
+        self._measure(trainer, model, pl_module.tokenizer, "dense")
+        decisions, blocks = [], None
+        for stage in self.stages:
+            if stage.needs_calibration() and blocks is None:
+                blocks = self._calibration(trainer)
+            start = time.perf_counter()
+            decision = stage.plan(model, self._shard(trainer, blocks, stage) if stage.needs_calibration() else None,
+                                  reduce=self._reduce(trainer), progress=trainer.is_global_zero)
+            self._agree(trainer, decision)
+            decisions.append(decision)
+            self._measure(trainer, model, pl_module.tokenizer, f"after {stage.name}", seconds=time.perf_counter() - start,
+                          **decision.measurements())
+        if trainer.is_global_zero:
+            self.run(trainer).write_plan(plan_json(decisions, self.fingerprint, self.source), plan_tensors(decisions))
+        trainer.strategy.barrier("stage plan")
+        if self.dry_run:
+            if trainer.is_global_zero:
+                print(format_plan(decisions, before, model_summary(model)))
+            raise PlanOnly(str(self.run(trainer).path / "decisions.json"))
+        return decisions
+
+    # ----- measuring and the run directory ---------------------------------------------------
+    def _measure(self, trainer: L.Trainer, model: torch.nn.Module, tokenizer, label: str, **extra) -> None:
+        if self.evaluation is None:
+            return
+        if trainer.is_global_zero:
+            values = self.evaluation.evaluate(model, tokenizer)
+            self.results[label] = {**values, **extra, "global_step": trainer.global_step}
+            flat = {f"eval/{label.replace(' ', '_')}/perplexity_{k}": v for k, v in values["perplexity"].items()}
+            for task, scores in values.get("tasks", {}).items():
+                flat.update({f"eval/{label.replace(' ', '_')}/{task}_{m}": scores[m] for m in ("acc", "acc_norm")})
+            for logger in trainer.loggers:
+                logger.log_metrics(flat, step=trainer.global_step)
+            self._write_metrics(trainer)
+        trainer.strategy.barrier(f"evaluation {label}")
+
+    def _write_metrics(self, trainer: L.Trainer) -> None:
+        settings = {"run_dir": str(self.run(trainer).path), "model": self.source,
+                    "stages": [{"name": s.name, **vars(s)} for s in self.stages],
+                    "evaluation": self.evaluation.settings() if self.evaluation else None}
+        self.run(trainer).write_json("metrics.json", {**self.results, "settings": settings, "versions": package_versions()})
+
+    def export(self, pl_module: L.LightningModule) -> torch.nn.Module:
+        """The plain model to save: the module's export, then every decision's ``on_export``."""
+        model = pl_module.export_model()
+        for decision in self.decisions or []:
+            decision.on_export(model)
+        return model
+
+    # ----- training ---------------------------------------------------------------------------
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        for decision in self.decisions or []:
+            decision.mask_gradients(pl_module.model)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        for decision in self.decisions or []:
+            decision.constrain(pl_module.model)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        was_training = pl_module.model.training
+        model = self.export(pl_module)
+        self._measure(trainer, model, pl_module.tokenizer, "after training")
+        if self.save_model and trainer.is_global_zero:
+            run = self.run(trainer)
+            run.save_model(model, pl_module.tokenizer)
+            if unwrap_model(pl_module.model) is not pl_module.model:
+                run.save_model(pl_module.model, name="adapter")
+        trainer.strategy.barrier("export")
+        pl_module.model.train(was_training)
+
+    # ----- checkpoints -------------------------------------------------------------------------
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = checkpoint_entry(self.decisions or [], self.fingerprint, self.source)
+
+    def state_dict(self) -> dict:
+        return {"results": self.results}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.results = {**state_dict.get("results", {}), **self.results}

@@ -1,1 +1,0 @@
-"""Callbacks that run core steps (pruning, merging, sparsity, evaluation) at the right Lightning hook."""

@@ -1,0 +1,47 @@
+"""``lightning-prune apply``: replay a saved plan on the original model, without calibration data.
+
+The plan is a run's ``decisions.json`` (with its ``decisions.safetensors`` beside it). Every
+decision is applied in order (layers removed with their compensation, merged layers, sparsity
+masks), so the result has the logits of the model the run saved right after its stages
+(training, if the run had any, is not replayed).
+"""
+
+from lightning_prune.commands.common import load_checked_model
+from lightning_prune.model.loading import load_config
+from lightning_prune.results import RunDirectory, model_summary
+from lightning_prune.stages import apply_decisions, check_fingerprint, fingerprint, format_plan, plan_json, plan_tensors, read_plan
+
+__all__ = ["apply"]
+
+
+def apply(
+    plan: str,
+    model: str = "demo",
+    dtype: str = "float32",
+    device: str = "cpu",
+    output_dir: str = "runs/apply",
+    overwrite: bool = False,
+) -> dict:
+    """Replay a saved decisions.json on the original model and save the smaller model.
+
+    Args:
+        plan: a run's decisions.json (or its run directory).
+        model: the model the plan was made for: 'demo', a Hub id, a local directory or a .gguf file.
+        dtype: float32, bfloat16 or float16.
+        device: e.g. cpu, cuda.
+        output_dir: run directory for model/ and decisions.json.
+        overwrite: replace results already in output_dir.
+    """
+    run = RunDirectory(output_dir, overwrite)
+    run.check()
+    decisions, info = read_plan(plan)
+    config = load_config(model)
+    check_fingerprint(info.get("fingerprint") or {}, config, f"--plan {plan!r}")
+    lm, tokenizer = load_checked_model(model, dtype=dtype, device=device)
+    before = model_summary(lm)
+    apply_decisions(lm, decisions)
+    after = model_summary(lm)
+    run.save_model(lm, tokenizer)
+    run.write_plan(plan_json(decisions, fingerprint(config), model), plan_tensors(decisions))
+    print(format_plan(decisions, before, after))
+    return {"plan": str(plan), "model": model, "before": before, "after": after, "decisions": [d.summary() for d in decisions]}

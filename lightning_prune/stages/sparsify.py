@@ -1,0 +1,147 @@
+"""``SparsifyStage``: unstructured or N:M weight sparsity with uniform / OWL / DLP allocation (paper 003).
+
+The math lives in :mod:`lightning_prune.sparsity`; a :class:`SparsityDecision` holds the
+keep masks (bool, keyed ``layers.{i}.{role}``) and per-layer sparsities. During training it
+keeps trainable masked weights at zero (gradients masked before the step, weights re-masked
+after it); frozen bases (LoRA, 4-bit QLoRA) are left alone since they cannot change, and the
+exported model gets the masks again after the adapters are merged into it.
+"""
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from lightning_prune.errors import InputError
+from lightning_prune.sparsity.allocation import check_allocation
+from lightning_prune.sparsity.masks import apply_masks, measure_sparsity, prunable_linears
+from lightning_prune.sparsity.nm import check_mixed, check_widths, parse_pattern, resolve_sparsity
+from lightning_prune.sparsity.sequential import check_method, sparsify
+from lightning_prune.stages.base import Decision, Reduce, Stage, identity_reduce
+
+__all__ = ["SparsifyStage", "SparsityDecision"]
+
+
+@dataclass
+class SparsifyStage(Stage):
+    """Prune the decoder's projection weights to a sparsity, allocated per layer (003 Algorithm 1).
+
+    Args:
+        method: magnitude, wanda or sparsegpt.
+        allocation: uniform, owl or dlp (003 Eq. 5-6).
+        sparsity: fraction of weights to prune in [0, 1) (default 0.5; with structure: 1 - N/M).
+        alpha: DLP's alpha / OWL's lambda (default per allocation: dlp 0.15, owl 0.08).
+        structure: N:M pattern such as 2:4 (N kept of every M); mixed N:M with owl/dlp; empty: unstructured.
+        batch_size: calibration blocks per forward pass.
+    """
+
+    method: str = "wanda"
+    allocation: str = "dlp"
+    sparsity: float | None = None
+    alpha: float | None = None
+    structure: str | None = None
+    batch_size: int = 8
+
+    name = "sparsify"
+
+    def resolved(self) -> tuple:
+        """(pattern, target sparsity, alpha) after defaults, validated."""
+        check_method(self.method)
+        pattern = parse_pattern(self.structure)
+        target = resolve_sparsity(self.sparsity, pattern)
+        alpha = check_allocation(self.allocation, target, self.alpha)
+        if pattern and self.allocation != "uniform":
+            check_mixed(pattern)
+        return pattern, target, alpha
+
+    def check(self, config):
+        if self.batch_size < 1:
+            raise InputError(f"sparsify: batch_size {self.batch_size} must be >= 1")
+        pattern, _, _ = self.resolved()
+        if pattern:
+            check_widths(config, pattern)
+        return config
+
+    def needs_calibration(self) -> bool:
+        return self.method != "magnitude" or self.allocation != "uniform"
+
+    def plan(self, model: nn.Module, calibration: torch.Tensor | None, *, reduce: Reduce = identity_reduce,
+             progress: bool = True) -> "SparsityDecision":
+        pattern, target, alpha = self.resolved()
+        device = next(model.parameters()).device
+        blocks = calibration.to(device) if calibration is not None else None
+        result = sparsify(model, blocks, method=self.method, allocation=self.allocation, sparsity=target, alpha=alpha,
+                          pattern=pattern, batch_size=self.batch_size, progress=progress)
+        record = {
+            "settings": {**asdict(self), "sparsity": target, "alpha": alpha},
+            "layer_sparsity": result.layer_sparsity, "layer_statistic": result.layer_statistic,
+            "layer_patterns": result.layer_patterns, "measured": measure_sparsity(model),
+        }
+        return SparsityDecision(record, result.masks)
+
+
+class SparsityDecision(Decision):
+    """Keep masks per projection (``True`` = kept) and the allocation that produced them."""
+
+    kind = "sparsify"
+
+    def __init__(self, record: dict, masks: dict[str, torch.Tensor]):
+        self.record, self.masks = record, {name: mask.bool().cpu() for name, mask in masks.items()}
+
+    def apply(self, model: nn.Module) -> None:
+        linears = dict(prunable_linears(model))
+        missing = sorted(set(self.masks) - set(linears))
+        if missing:
+            raise InputError(f"the sparsity plan names {missing[0]!r}, which this model does not have ({len(missing)} missing)")
+        for name, mask in self.masks.items():
+            if tuple(mask.shape) != tuple(linears[name].weight.shape):
+                raise InputError(f"sparsity mask {name!r} has shape {tuple(mask.shape)}, the model's weight {tuple(linears[name].weight.shape)}")
+        apply_masks(model, self.masks)
+
+    def _trainable_masks(self, model: nn.Module):
+        linears = dict(prunable_linears(model))
+        for name, mask in self.masks.items():
+            weight = linears[name].weight
+            if weight.requires_grad:
+                yield weight, mask
+
+    @torch.no_grad()
+    def constrain(self, model: nn.Module) -> None:
+        for weight, mask in self._trainable_masks(model):
+            weight.mul_(mask.to(device=weight.device, dtype=weight.dtype))
+
+    @torch.no_grad()
+    def mask_gradients(self, model: nn.Module) -> None:
+        for weight, mask in self._trainable_masks(model):
+            if weight.grad is not None:
+                weight.grad.mul_(mask.to(device=weight.device, dtype=weight.grad.dtype))
+
+    def on_export(self, model: nn.Module) -> None:
+        apply_masks(model, self.masks)
+
+    def measurements(self) -> dict:
+        return {"measured_sparsity": self.record["measured"]}
+
+    def to_json(self) -> dict:
+        return self.record
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"mask.{name}": mask for name, mask in self.masks.items()}
+
+    @classmethod
+    def from_json(cls, data: dict, tensors: dict[str, torch.Tensor]) -> "SparsityDecision":
+        masks = {key[len("mask."):]: value for key, value in tensors.items() if key.startswith("mask.")}
+        if not masks:
+            raise InputError("sparsity decision has no masks (decisions.safetensors missing or from another plan)")
+        return cls(data, masks)
+
+    def summary(self) -> str:
+        settings = self.record["settings"]
+        kept = sum(int(m.sum()) for m in self.masks.values())
+        total = sum(m.numel() for m in self.masks.values())
+        structure = f", {settings['structure']}" if settings.get("structure") else ""
+        return (f"sparsify: {settings['method']} + {settings['allocation']}{structure}, "
+                f"{1 - kept / max(total, 1):.1%} of {total:,} projection weights zero")
+
+    def signature(self) -> str:
+        return str([round(s, 6) for s in self.record["layer_sparsity"]])
