@@ -45,9 +45,14 @@ from lightning_prune.stages import (
     format_plan,
     plan_json,
     plan_tensors,
+    same_decisions,
 )
 
 __all__ = ["StageCallback", "PlanOnly"]
+
+
+def _tokenizer(pl_module: L.LightningModule):
+    return getattr(pl_module, "tokenizer", None)
 
 
 class PlanOnly(Exception):
@@ -136,7 +141,7 @@ class StageCallback(L.Callback):
         pl_module.to(trainer.strategy.root_device)
         model = pl_module.model
         before = model_summary(model)
-        self._measure(trainer, model, pl_module.tokenizer, "dense")
+        self._measure(trainer, model, _tokenizer(pl_module), "dense")
         decisions, blocks = [], None
         for stage in self.stages:
             if stage.needs_calibration() and blocks is None:
@@ -146,7 +151,7 @@ class StageCallback(L.Callback):
                                   reduce=self._reduce(trainer), progress=trainer.is_global_zero)
             self._agree(trainer, decision)
             decisions.append(decision)
-            self._measure(trainer, model, pl_module.tokenizer, f"after {stage.name}", seconds=time.perf_counter() - start,
+            self._measure(trainer, model, _tokenizer(pl_module), f"after {stage.name}", seconds=time.perf_counter() - start,
                           **decision.measurements())
         if trainer.is_global_zero:
             self.run(trainer).write_plan(plan_json(decisions, self.fingerprint, self.source), plan_tensors(decisions))
@@ -180,7 +185,8 @@ class StageCallback(L.Callback):
 
     def export(self, pl_module: L.LightningModule) -> torch.nn.Module:
         """The plain model to save: the module's export, then every decision's ``on_export``."""
-        model = pl_module.export_model()
+        export = getattr(pl_module, "export_model", None)
+        model = export() if callable(export) else pl_module.model
         for decision in self.decisions or []:
             decision.on_export(model)
         return model
@@ -197,10 +203,10 @@ class StageCallback(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         was_training = pl_module.model.training
         model = self.export(pl_module)
-        self._measure(trainer, model, pl_module.tokenizer, "after training")
+        self._measure(trainer, model, _tokenizer(pl_module), "after training")
         if self.save_model and trainer.is_global_zero:
             run = self.run(trainer)
-            run.save_model(model, pl_module.tokenizer)
+            run.save_model(model, _tokenizer(pl_module))
             if unwrap_model(pl_module.model) is not pl_module.model:
                 run.save_model(pl_module.model, name="adapter")
         trainer.strategy.barrier("export")
@@ -209,6 +215,14 @@ class StageCallback(L.Callback):
     # ----- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_KEY] = checkpoint_entry(self.decisions or [], self.fingerprint, self.source)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """Refuse a checkpoint taken after other decisions (our modules refuse it earlier, before its weights load)."""
+        stored = checkpoint_decisions(checkpoint)
+        if stored is not None and not same_decisions(stored, self.decisions or []):
+            raise InputError(f"checkpoint was written after {[d.summary() for d in stored]} but this run applied "
+                             f"{[d.summary() for d in self.decisions or []] or 'no stages'}; resume through "
+                             "StageCallback(resume_from=<checkpoint>) (the CLI does this for --ckpt_path)")
 
     def state_dict(self) -> dict:
         return {"results": self.results}

@@ -105,7 +105,7 @@ class PruneCLI(LightningCLI):
         parser.link_arguments("model.init_args.model", "data.init_args.tokenizer")
 
     def instantiate_trainer(self, **kwargs):
-        config = self.config_init[self.subcommand]
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         run_dir = Path(config["run_dir"])
         stages = [config[name] for name in _stage_names(config["stages"])]
         model_source = getattr(self.model.hparams, "model", None)
@@ -126,7 +126,7 @@ class PruneCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def _hand_checkpoint(self) -> None:
-        path = self.config[self.subcommand].get("ckpt_path")
+        path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
         if path:
             self.stage_callback.resume_from = str(path)
 

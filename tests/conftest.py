@@ -111,6 +111,17 @@ def run_cli(capsys, *args):
     return code, captured.out, captured.err
 
 
+def read_decision(run_dir, kind: str) -> dict:
+    """The ``kind`` decision (prune, merge, sparsify) of a run directory's decisions.json."""
+    import json
+    from pathlib import Path
+
+    plan = json.loads((Path(run_dir) / "decisions.json").read_text())
+    matches = [entry for entry in plan["decisions"] if entry["kind"] == kind]
+    assert len(matches) == 1, plan
+    return matches[0]
+
+
 def assert_one_line_error(code, err, fragment):
     assert code == 2
     assert "Traceback" not in err

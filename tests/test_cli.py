@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, read_decision
 
 
 def test_evaluate_writes_metrics(capsys, tiny_dir, tmp_path):
@@ -28,8 +28,8 @@ def test_prune_saves_reloadable_model(capsys, tiny_dir, tmp_path):
     out_dir = tmp_path / "pruned"
     code, out, err = run_cli(capsys, "prune", "--model", tiny_dir, "--layers", "3,1", "--seq_len", 32, "--num_samples", 4, "--output_dir", out_dir)
     assert code == 0, err
-    decisions = json.loads((out_dir / "decisions.json").read_text())
-    assert decisions == {"removed_layers": [1, 3], "kept_layers": [0, 2, 4, 5]}
+    decision = read_decision(out_dir, "prune")
+    assert decision["removed_layers"] == [3, 1] and decision["kept_layers"] == [0, 2, 4, 5]
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["before"]["num_layers"] == 6 and metrics["after"]["num_layers"] == 4
     assert metrics["after"]["num_parameters"] < metrics["before"]["num_parameters"]

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+from conftest import read_decision
 from test_cli import assert_one_line_error, run_cli
 from transformers import AutoModelForCausalLM, OPTConfig
 
@@ -25,7 +26,7 @@ def test_prune_with_metric_selection_and_compensation(capsys, tiny_dir, tmp_path
         "--compensation", "magnitude", *COMMON, "--num_samples", 4, "--output_dir", out_dir,
     )
     assert code == 0, err
-    decisions = json.loads((out_dir / "decisions.json").read_text())
+    decisions = read_decision(out_dir, "prune")
     assert len(decisions["removed_layers"]) == 2 and len(decisions["steps"]) == 2
     first, second = decisions["steps"]
     assert first["removed"] == [decisions["removed_layers"][0]]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import run_cli
+from conftest import read_decision, run_cli
 
 
 SMALL = ("--seq_len", 16, "--num_samples", 4, "--calibration_samples", 4, "--batch_size", 4)
@@ -19,9 +19,10 @@ def test_merge_writes_reloadable_model_and_decisions(capsys, tiny_dir, tmp_path)
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["before"]["num_layers"] == 6 and metrics["after"]["num_layers"] == 4
     assert metrics["after"]["perplexity"]["wikitext2"] > 1
-    decisions = json.loads((out_dir / "decisions.json").read_text())
-    assert decisions["original_layers"] == 6 and len(decisions["merge"]["groups"]) == 4
-    assert [m["teacher_last"] for m in decisions["merge"]["mapping"]] == [max(g) for g in decisions["merge"]["groups"] if len(g) > 1]
+    plan = json.loads((out_dir / "decisions.json").read_text())
+    merge = read_decision(out_dir, "merge")
+    assert plan["model"]["fingerprint"]["num_hidden_layers"] == 6 and len(merge["groups"]) == 4
+    assert [m["teacher_last"] for m in merge["mapping"]] == [max(g) for g in merge["groups"] if len(g) > 1]
     reloaded = AutoModelForCausalLM.from_pretrained(out_dir / "model")
     assert reloaded.config.num_hidden_layers == 4
     assert reloaded(torch.zeros(1, 4, dtype=torch.long)).logits.shape == (1, 4, 256)

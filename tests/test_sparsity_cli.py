@@ -6,6 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import read_decision
+
 from lightning_prune.cli import main
 
 SMALL = ["--data", "wikitext2", "--calibration_samples", "4", "--seq_len", "32", "--eval_samples", "4"]
@@ -16,7 +18,7 @@ def test_sparsify_writes_model_decisions_metrics_and_plot(tiny_dir, tmp_path, ca
     main(["sparsify", "--model", str(tiny_dir), "--method", "wanda", "--allocation", "dlp", "--sparsity", "0.7",
           "--alpha", "0.1", *SMALL, "--output_dir", str(out)])
     capsys.readouterr()
-    decisions = json.loads((out / "decisions.json").read_text())
+    decisions = read_decision(out, "sparsify")
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(decisions["layer_sparsity"]) == 6
     assert sum(decisions["layer_sparsity"]) / 6 == pytest.approx(0.7)
@@ -35,8 +37,8 @@ def test_sparsify_mixed_nm(tiny_dir, tmp_path, capsys):
     main(["sparsify", "--model", str(tiny_dir), "--method", "magnitude", "--allocation", "dlp", "--structure", "2:4",
           "--alpha", "0.2", *SMALL, "--output_dir", str(out)])
     capsys.readouterr()
-    decisions = json.loads((out / "decisions.json").read_text())
-    assert decisions["target_sparsity"] == 0.5
+    decisions = read_decision(out, "sparsify")
+    assert decisions["settings"]["sparsity"] == 0.5
     assert sum(int(p.split(":")[0]) for p in decisions["layer_patterns"]) == 2 * 6
 
 
