@@ -54,8 +54,73 @@ def test_folded_magnitude_scale_equals_runtime_scale(family):
     fold_residual_scale(folded, 3, 1.37)
     assert torch.allclose(logits(folded), expected, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(logits(reference), expected, atol=1e-2)
-    anatomy = Anatomy(folded)
-    assert anatomy.lm_head.weight is not anatomy.embed_tokens.weight and not folded.config.tie_word_embeddings
+    anatomy, tied = Anatomy(folded), family == "llama_tied"
+    assert (anatomy.lm_head.weight is anatomy.embed_tokens.weight) == tied == folded.config.tie_word_embeddings
+
+
+def test_tied_fold_keeps_weights_tied_and_moves_the_scale_into_the_final_norm():
+    reference, folded = make_tiny_model("llama_tied"), make_tiny_model("llama_tied")
+    for model in (reference, folded):
+        zero_norm_eps(model)
+    position, hook = scaled_input(2, 1.37)
+    handle = Anatomy(reference).layers[position].register_forward_pre_hook(hook, with_kwargs=True)
+    expected = logits(reference)
+    handle.remove()
+    fold_residual_scale(folded, 2, 1.37)
+    torch.testing.assert_close(logits(folded), expected, atol=1e-5, rtol=1e-5)
+    anatomy, original = Anatomy(folded), Anatomy(reference)
+    assert anatomy.lm_head.weight is anatomy.embed_tokens.weight
+    torch.testing.assert_close(anatomy.embed_tokens.weight, original.embed_tokens.weight * 1.37)
+    torch.testing.assert_close(anatomy.final_norm.weight, original.final_norm.weight / 1.37)
+
+
+def test_tied_final_layer_norm_bias_is_scaled_too():
+    config = OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4,
+                       word_embed_proj_dim=64, tie_word_embeddings=True, dropout=0.0)
+    reference, folded = (AutoModelForCausalLM.from_config(config).eval() for _ in range(2))
+    with torch.no_grad():
+        Anatomy(reference).final_norm.bias.normal_(0, 0.5)
+    folded.load_state_dict(reference.state_dict())
+    for model in (reference, folded):
+        zero_norm_eps(model)
+    position, hook = scaled_input(2, 0.7)
+    handle = Anatomy(reference).layers[position].register_forward_pre_hook(hook, with_kwargs=True)
+    expected = logits(reference)
+    handle.remove()
+    fold_residual_scale(folded, 2, 0.7)
+    assert Anatomy(folded).lm_head.weight is Anatomy(folded).embed_tokens.weight
+    torch.testing.assert_close(logits(folded), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_tied_model_without_a_final_norm_weight_is_untied():
+    model = make_tiny_model("llama_tied")
+    anatomy = Anatomy(model)
+    del anatomy.final_norm.weight  # a norm without learned weight cannot absorb 1/alpha
+    anatomy.final_norm.weight = None
+    fold_residual_scale(model, 2, 1.5)
+    assert anatomy.lm_head.weight is not anatomy.embed_tokens.weight and not model.config.tie_word_embeddings
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())  # shared tensors counted once
+
+
+def safetensors_bytes(model, path) -> int:
+    model.save_pretrained(path)
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def test_magnitude_pruned_tied_model_stays_tied_and_smaller_than_dense(tmp_path):
+    dense, model = make_tiny_model("llama_tied"), make_tiny_model("llama_tied")
+    decisions = prune_layers(model, BLOCKS, layers=[2, 3], compensation="magnitude", options=OPTIONS)
+    anatomy = Anatomy(model)
+    assert anatomy.lm_head.weight is anatomy.embed_tokens.weight and model.config.tie_word_embeddings
+    assert decisions["untied_embeddings"] is False
+    assert parameter_count(model) < parameter_count(dense)
+    assert safetensors_bytes(model, tmp_path / "pruned") < safetensors_bytes(dense, tmp_path / "dense")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    assert Anatomy(reloaded).lm_head.weight is Anatomy(reloaded).embed_tokens.weight
+    torch.testing.assert_close(logits(reloaded), logits(model), atol=1e-5, rtol=1e-5)
 
 
 def test_folding_with_real_norm_eps_is_close():
