@@ -5,13 +5,12 @@ import json
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import make_tiny_model, random_ids
 from lightning_prune.callbacks.merging import LayerMergingCallback
 from lightning_prune.data.datamodule import TextDataModule
 from lightning_prune.errors import InputError
-from lightning_prune.merging.distill import BoundaryCache, hidden_kl, layer_outputs
+from lightning_prune.merging.distill import BoundaryCache, distillation_loss, hidden_kl, layer_outputs
 from lightning_prune.model.anatomy import Anatomy
 from lightning_prune.modules.distillation import LayerwiseDistillation
 
@@ -117,6 +116,23 @@ def test_merged_layers_move_and_loss_falls_in_sp(tiny_dir, tmp_path):
     assert loss() < before
 
 
+@pytest.mark.parametrize("loss", ["mse_norm", "kl_raw", "kl_norm"])
+def test_sp_loss_sums_the_configured_loss_over_the_mapping(tiny_dir, tmp_path, loss):
+    options = {} if loss == "mse_norm" else {"loss": loss}  # mse_norm is the default
+    module = LayerwiseDistillation(model=str(tiny_dir), mode="sp", **options)
+    callback = LayerMergingCallback(num_layers=4, output_dir=str(tmp_path / "run"))
+    datamodule = data(tiny_dir)
+    trainer(tmp_path, max_epochs=1, callbacks=[callback], limit_train_batches=0).fit(module, datamodule=datamodule)
+    batch = datamodule.train_blocks[:4]
+    with torch.no_grad():
+        targets = layer_outputs(module.teacher, batch, [m.teacher_last for m in module.mapping])
+        predictions = layer_outputs(module.model, batch, [m.student for m in module.mapping])
+        norm = Anatomy(module.model).final_norm
+        expected = sum(distillation_loss(loss, targets[m.teacher_last], predictions[m.student], norm=norm) for m in module.mapping)
+        torch.testing.assert_close(module.sp_loss(batch), expected)
+    assert module.hparams.loss == loss and float(expected) > 0
+
+
 def test_short_learning_rate_list_names_how_many(tiny_dir, tmp_path):
     module = LayerwiseDistillation(model=str(tiny_dir), mode="mp", learning_rates=[1e-4])
     callback = LayerMergingCallback(num_layers=3, remerge=False, output_dir=str(tmp_path / "run"))
@@ -126,7 +142,8 @@ def test_short_learning_rate_list_names_how_many(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize(("options", "message"), [(dict(mode="xp"), "choose one of sp, mp"),
-                                                  (dict(mode="sp", teacher_forced=True), "mode 'mp' only")])
+                                                  (dict(mode="sp", teacher_forced=True), "mode 'mp' only"),
+                                                  (dict(loss="kl"), "choose one of kl_raw, kl_norm, mse_norm, cosine")])
 def test_bad_module_options(options, message):
     with pytest.raises(InputError, match=message):
         LayerwiseDistillation(**options)

@@ -96,6 +96,18 @@ def test_gradient_is_the_mean_over_samples_of_summed_gradient_norms():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_gradient_score_does_not_depend_on_batch_size():
+    model = make_tiny_model("llama")
+    one = score_layers(model, BLOCKS[:4], "gradient", options(batch_size=1))
+    four = score_layers(model, BLOCKS[:4], "gradient", options(batch_size=4))
+    torch.testing.assert_close(one, four, rtol=1e-5, atol=0)
+    # the norm of the batch's mean gradient (one "sample" of 4 blocks) is smaller: norms are not additive
+    layer = Anatomy(model).layers[2]
+    loss, tokens = token_loss_sum(model, BLOCKS[:4])
+    pooled = sum(float(g.norm()) for g in torch.autograd.grad(loss / tokens, list(layer.parameters())))
+    assert pooled < 0.95 * float(four[2])
+
+
 def test_random_is_seeded():
     model = make_tiny_model("llama")
     assert torch.equal(score_layers(model, None, "random", options(seed=1)), score_layers(model, None, "random", options(seed=1)))

@@ -10,9 +10,17 @@ from conftest import make_tiny_model, random_ids
 from lightning_prune.data.tasks import TASK_NAMES, chance_accuracy, encode_items, load_task
 from lightning_prune.errors import InputError, MissingInputError
 from lightning_prune.importance import ScoringOptions, score_layers
-from lightning_prune.importance.accuracy import accuracy_data, full_accuracy, relevance_from_accuracy
+from lightning_prune.importance.accuracy import (
+    accuracy_data,
+    break_ties,
+    full_accuracy,
+    largest_tie,
+    relevance_from_accuracy,
+)
 from lightning_prune.importance.base import without_layers
+from lightning_prune.model.anatomy import Anatomy
 from lightning_prune.pruning import prune_layers
+from lightning_prune.selection import one_shot, protected_positions
 
 
 def options(**kwargs) -> ScoringOptions:
@@ -133,3 +141,49 @@ def test_missing_task_names_the_bundled_ones():
 def test_accuracy_refuses_items_without_choices():
     with pytest.raises(InputError, match="token blocks"):
         score_layers(make_tiny_model("llama"), [], "accuracy", options())
+
+
+def test_break_ties_keeps_distinct_values_in_order_and_orders_ties_by_the_secondary_score():
+    relevance = torch.tensor([0.0, 0.0, 0.5, 0.0, 1.0])
+    secondary = torch.tensor([0.3, 0.1, 0.0, 0.2, 0.9])
+    scores = break_ties(relevance, secondary)
+    assert scores.argsort().tolist() == [1, 3, 0, 2, 4]
+    assert float((scores - relevance).abs().max()) <= 0.1 * 0.5 + 1e-7
+    assert torch.equal(break_ties(relevance, torch.zeros(5)), relevance)
+    assert largest_tie(relevance) == 3 and largest_tie(torch.tensor([])) == 0
+
+
+def nearly_identity_model(scale: float = 0.1):
+    """Layer 4 returns its input; layers 1-3 write ``scale`` times their usual update."""
+    model = make_tiny_model("llama")
+    anatomy = Anatomy(model)
+    with torch.no_grad():
+        for position, factor in ((1, scale), (2, scale), (3, scale), (4, 0.0)):
+            for role in ("o_proj", "down_proj"):
+                anatomy.part(anatomy.layers[position], role).weight.mul_(factor)
+    return model
+
+
+def test_accuracy_ties_are_broken_by_block_influence_and_warned_about():
+    model = nearly_identity_model()
+    blocks = self_labelled_blocks(model, count=2)
+    relevance = {}
+    for layer in (1, 2, 3, 4):
+        with torch.no_grad(), without_layers(model, [layer]):
+            relevance[layer] = 1 - float((model(input_ids=blocks, use_cache=False).logits[:, -2].argmax(-1) == blocks[:, -1]).float().mean())
+    assert relevance[3] == relevance[4] == 0.0  # two items: removing layer 3 or 4 changes no answer
+    with pytest.warns(UserWarning, match="ties for 2 of 4 candidate layers on 2 items"):
+        scores = score_layers(model, blocks, "accuracy", options(candidates=[1, 2, 3, 4]))
+    assert one_shot(scores, 1, protected_positions(6)) == [4]  # lowest BI among the tied, not lowest index
+    bi = score_layers(model, blocks, "bi", options())
+    assert float(bi[4]) < float(bi[3])
+    for layer, value in relevance.items():
+        assert float(scores[layer]) == pytest.approx(value, abs=0.1)
+
+
+def test_distinct_relevances_are_left_as_they_are_without_warning(recwarn):
+    model = nearly_identity_model(scale=0.3)
+    blocks = self_labelled_blocks(model, count=4)
+    scores = score_layers(model, blocks, "accuracy", options(candidates=[1, 2, 3, 4]))
+    assert scores[1:5].tolist() == [0.75, 0.5, 0.25, 0.0]  # no tie: plain Eq. 3, nothing added
+    assert not [w for w in recwarn if "ties for" in str(w.message)]

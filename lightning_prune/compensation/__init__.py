@@ -5,6 +5,8 @@ any removal), ``remove(model, position, blocks, options)`` (remove one layer, co
 if the method works per removal) and ``finish`` (after all removals).
 """
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -38,8 +40,18 @@ class NoCompensation:
 COMPENSATIONS = {"none": NoCompensation, "magnitude": MagnitudeCompensation, "projection": ProjectionCompensation}
 
 
-def make_compensation(name: str):
-    """A new compensation object for ``name``, or :class:`InputError` listing the valid names."""
+def make_compensation(name: str, **settings):
+    """A new compensation object for ``name``, or :class:`InputError` listing the valid names.
+
+    Args:
+        name: a key of :data:`COMPENSATIONS`.
+        settings: keyword arguments of that compensation's class, e.g.
+            ``make_compensation("projection", solver="adam")``.
+    """
     if name not in COMPENSATIONS:
         raise InputError(f"unknown compensation {name!r}; choose one of {', '.join(COMPENSATIONS)}")
-    return COMPENSATIONS[name]()
+    accepted = inspect.signature(COMPENSATIONS[name]).parameters
+    unknown = sorted(set(settings) - set(accepted))
+    if unknown:
+        raise InputError(f"compensation {name!r} has no option {unknown[0]!r}; its options: {', '.join(accepted) or 'none'}")
+    return COMPENSATIONS[name](**settings)

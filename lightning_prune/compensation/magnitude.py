@@ -5,8 +5,14 @@ h_{i+1}. MagComp estimates the gain α = E_t[‖h_{i+1,t}‖ / ‖h_{i,t}‖] on
 rescales the residual stream entering position i by α. In a pre-norm block the branches see
 only norm(h), and RMSNorm/LayerNorm(αh) = norm(h) (up to eps), so scaling the embeddings and
 the residual-writing projections (o_proj, down_proj, with biases) of every layer before i by α
-scales h_i by α exactly — the folded model equals the runtime-scaled one. Tied embeddings are
-untied first, otherwise the logits would be scaled too.
+scales h_i by α exactly — the folded model equals the runtime-scaled one.
+
+Tied embeddings (``lm_head.weight is embed_tokens.weight``) stay tied: scaling the shared
+matrix by α also scales what the LM head reads, so the final norm's weight (and bias, for a
+LayerNorm) is divided by α. With ``norm(x) = w ⊙ n(x) + b``, the logits become
+``αE · (w ⊙ n(x) + b)/α = E · norm(x)``: unchanged, and exact (no eps involved). Only a model
+whose final norm has no learned weight to absorb 1/α is untied (and then has one more
+vocabulary matrix than the dense model).
 """
 
 from operator import attrgetter
@@ -21,7 +27,14 @@ from lightning_prune.importance.base import ScoringOptions, batches_of, evaluati
 from lightning_prune.model.anatomy import Anatomy
 from lightning_prune.model.surgery import remove_layers, untie_embeddings
 
-__all__ = ["EXTRA_EMBEDDINGS", "check_foldable", "magnitude_gain", "fold_residual_scale", "MagnitudeCompensation"]
+__all__ = [
+    "EXTRA_EMBEDDINGS",
+    "check_foldable",
+    "magnitude_gain",
+    "final_norm_absorbs_scale",
+    "fold_residual_scale",
+    "MagnitudeCompensation",
+]
 
 EXTRA_EMBEDDINGS = {"opt": ("model.decoder.embed_positions",)}
 
@@ -51,19 +64,45 @@ def magnitude_gain(model: nn.Module, blocks: torch.Tensor, position: int, option
     return float(total[0] / total[1])
 
 
-@torch.no_grad()
-def fold_residual_scale(model: nn.Module, position: int, alpha: float) -> None:
-    """Scale the residual stream entering layer ``position`` by ``alpha``, in the weights."""
-    check_foldable(model)
-    untie_embeddings(model)
-    anatomy = Anatomy(model)
-    modules = [anatomy.embed_tokens, *(attrgetter(path)(model) for path in EXTRA_EMBEDDINGS.get(anatomy.family, ()))]
-    for layer in list(anatomy.layers)[:position]:
-        modules += [anatomy.part(layer, "o_proj"), anatomy.part(layer, "down_proj")]
+def final_norm_absorbs_scale(model: nn.Module) -> bool:
+    """Whether the final norm has a learned weight that can take 1/α for a tied LM head."""
+    norm = Anatomy(model).final_norm
+    return isinstance(getattr(norm, "weight", None), torch.Tensor)
+
+
+def _scale(modules, factor: float) -> None:
+    """Multiply the weight and bias (where present) of each module by ``factor`` in place."""
     for module in modules:
         for parameter in (module.weight, getattr(module, "bias", None)):
             if parameter is not None:
-                parameter.mul_(alpha)
+                parameter.mul_(factor)
+
+
+@torch.no_grad()
+def fold_residual_scale(model: nn.Module, position: int, alpha: float) -> None:
+    """Scale the residual stream entering layer ``position`` by ``alpha``, in the weights.
+
+    Embeddings and the residual-writing projections of layers ``< position`` are scaled by
+    ``alpha``. Tied embeddings stay tied: the final norm's weight and bias are divided by
+    ``alpha`` so the LM head, which reads the scaled shared matrix, gives the same logits.
+    Embeddings are untied only when the final norm has no weight to absorb the scale.
+
+    Args:
+        model: a pre-norm model (see :func:`check_foldable`).
+        position: current index of the layer whose input is scaled.
+        alpha: the scale, > 0.
+    """
+    check_foldable(model)
+    anatomy = Anatomy(model)
+    tied = anatomy.lm_head.weight is anatomy.embed_tokens.weight and final_norm_absorbs_scale(model)
+    if not tied:
+        untie_embeddings(model)
+    modules = [anatomy.embed_tokens, *(attrgetter(path)(model) for path in EXTRA_EMBEDDINGS.get(anatomy.family, ()))]
+    for layer in list(anatomy.layers)[:position]:
+        modules += [anatomy.part(layer, "o_proj"), anatomy.part(layer, "down_proj")]
+    _scale(modules, alpha)
+    if tied:
+        _scale([anatomy.final_norm], 1.0 / alpha)
 
 
 class MagnitudeCompensation:

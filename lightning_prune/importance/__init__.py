@@ -14,6 +14,7 @@ from lightning_prune.importance.gradient import gradient
 from lightning_prune.importance.magnitude import magnitude
 from lightning_prune.importance.random import random_scores
 from lightning_prune.importance.removal_perplexity import removal_perplexity
+from lightning_prune.importance.sbi import sbi
 from lightning_prune.importance.taylor import taylor
 
 __all__ = ["METRICS", "ALIASES", "DEFAULT_PROTECTION", "ScoringOptions", "get_metric", "metric_name", "score_layers"]
@@ -27,6 +28,7 @@ METRICS = {
     "gradient": gradient,
     "accuracy": accuracy,
     "random": random_scores,
+    "sbi": sbi,
 }
 ALIASES = {"bi": "block_influence", "cl": "contiguous", "ppl": "removal_perplexity", "mag": "magnitude"}
 DEFAULT_PROTECTION = {"magnitude": (4, 2), "taylor": (4, 2)}

@@ -6,10 +6,19 @@ relevance(l) = 1 − max(acc(f − l) − r, 0) / max(acc(f) − r, 0), r = rand
   divided by its length in characters, the highest wins; r = mean of 1/#choices.
 - Token blocks (plain text such as C4 / WikiText): top-1 next-token accuracy on the last
   token of each block; r = 0.
+
+With few items, accuracy moves in coarse steps and many layers tie (often at 0: removing them
+changes no answer); selection would then remove the lowest index. Ties are broken by block
+influence (BI, :func:`lightning_prune.importance.block_influence.batches_influence`) on the
+same data's text (the blocks themselves, or each item's context + gold continuation): a term
+smaller than a tenth of the gap between distinct relevance values is added, so the order of
+distinct values is kept and tied layers are ordered by BI. A warning names the tie when it
+covers more than a third of the candidates.
 """
 
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -17,20 +26,34 @@ from torch import nn
 from lightning_prune.data.tasks import EncodedItem, chance_accuracy
 from lightning_prune.errors import InputError
 from lightning_prune.importance.base import ScoringOptions, batches_of, evaluating, removal_outputs
+from lightning_prune.importance.block_influence import batches_influence
 from lightning_prune.model.anatomy import Anatomy
 
-__all__ = ["accuracy", "AccuracyData", "accuracy_data", "full_accuracy", "relevance_from_accuracy"]
+__all__ = [
+    "accuracy",
+    "AccuracyData",
+    "accuracy_data",
+    "full_accuracy",
+    "relevance_from_accuracy",
+    "largest_tie",
+    "break_ties",
+]
 
 
 @dataclass
 class AccuracyData:
-    """Batches to run, positions to keep, how to count correct answers, chance r, number of instances."""
+    """Batches to run, positions to keep, how to count correct answers, chance r, number of instances.
+
+    ``texts`` are unpadded token batches (B, T) of the same data for the tie-breaking block
+    influence (empty: no tie-break).
+    """
 
     batches: list[torch.Tensor]
     select: Callable[[torch.Tensor, int], torch.Tensor]
     correct: Callable[[torch.Tensor, int], float]
     chance: float
     count: float
+    texts: list[torch.Tensor] = field(default_factory=list)
 
 
 def _choice_batch(item: EncodedItem) -> torch.Tensor:
@@ -57,7 +80,8 @@ def _multiple_choice(items: list[EncodedItem]) -> AccuracyData:
         normalised = totals / torch.tensor(item.choice_chars, dtype=torch.float32, device=totals.device)
         return float(int(normalised.argmax()) == item.gold)
 
-    return AccuracyData([_choice_batch(item) for item in items], select, correct, chance_accuracy(items), float(len(items)))
+    texts = [torch.cat([item.context, item.continuations[item.gold]])[None] for item in items]
+    return AccuracyData([_choice_batch(item) for item in items], select, correct, chance_accuracy(items), float(len(items)), texts)
 
 
 def _last_token(blocks: torch.Tensor, batch_size: int) -> AccuracyData:
@@ -66,7 +90,7 @@ def _last_token(blocks: torch.Tensor, batch_size: int) -> AccuracyData:
     def correct(logits: torch.Tensor, b: int) -> float:
         return float((logits[:, 0].argmax(-1).cpu() == batches[b][:, -1]).sum())
 
-    return AccuracyData(batches, lambda hidden, b: hidden[:, -2:-1], correct, 0.0, float(len(blocks)))
+    return AccuracyData(batches, lambda hidden, b: hidden[:, -2:-1], correct, 0.0, float(len(blocks)), batches)
 
 
 def accuracy_data(data, batch_size: int) -> AccuracyData:
@@ -102,8 +126,49 @@ def relevance_from_accuracy(accuracies: torch.Tensor, full: float, chance: float
     return (1 - torch.clamp(accuracies - chance, min=0) / (full - chance)).float()
 
 
+def largest_tie(values: torch.Tensor) -> int:
+    """Size of the largest group of exactly equal values (0 for an empty tensor)."""
+    return int(torch.unique(values, return_counts=True)[1].max()) if len(values) else 0
+
+
+def break_ties(relevance: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
+    """Order equal ``relevance`` values by ``secondary`` without reordering distinct ones.
+
+    Adds ``w · (secondary − min) / (max − min)`` with ``w`` a tenth of the smallest gap
+    between distinct relevance values (0.1 when all are equal), so a lower secondary score
+    is removed first among tied layers.
+
+    Args:
+        relevance: scores of the candidate layers, shape (K,).
+        secondary: tie-break scores of the same layers (higher = more important), shape (K,).
+
+    Returns:
+        fp32 scores, shape (K,).
+    """
+    distinct = torch.unique(relevance.double())
+    gap = float((distinct[1:] - distinct[:-1]).min()) if len(distinct) > 1 else 1.0
+    spread = secondary.double() - secondary.double().min()
+    if float(spread.max()) == 0.0:
+        return relevance.float()
+    return (relevance.double() + 0.1 * gap * spread / spread.max()).float()
+
+
+def _warn_on_ties(relevance: torch.Tensor, count: float) -> None:
+    tied = largest_tie(relevance)
+    if tied > len(relevance) / 3:
+        warnings.warn(
+            f"accuracy relevance ties for {tied} of {len(relevance)} candidate layers on {count:g} items; the tie is "
+            "broken by block influence on the same data, but more items (samples) give a ranking by accuracy",
+            stacklevel=3,
+        )
+
+
 def accuracy(model: nn.Module, data, options: ScoringOptions) -> torch.Tensor:
     """Accuracy-based relevance of each candidate layer (Eq. 3); higher = more relevant.
+
+    Ties between candidates (common with few items) are broken by block influence on the
+    same data (see the module docstring) and warned about when they cover more than a third
+    of the candidates.
 
     Returns:
         fp32 scores, shape (num_layers,); ``nan`` for layers that are not candidates.
@@ -115,9 +180,14 @@ def accuracy(model: nn.Module, data, options: ScoringOptions) -> torch.Tensor:
     with evaluating(model):
         for j, b, logits in removal_outputs(model, prepared.batches, options, prepared.select, desc="removal accuracy"):
             correct[j] += prepared.correct(logits, b)
-    accuracies = options.reduce(correct) / float(options.reduce(torch.tensor(prepared.count, dtype=torch.float64)))
-    scores = relevance_from_accuracy(accuracies, full, prepared.chance)
-    mask = torch.ones(num_layers, dtype=torch.bool)
-    mask[options.positions(num_layers)] = False
-    scores[mask] = float("nan")
+    total = float(options.reduce(torch.tensor(prepared.count, dtype=torch.float64)))
+    relevance = relevance_from_accuracy(options.reduce(correct) / total, full, prepared.chance)
+    positions = options.positions(num_layers)
+    _warn_on_ties(relevance[positions], total)
+    scores = torch.full((num_layers,), float("nan"))
+    if largest_tie(relevance[positions]) > 1 and prepared.texts:
+        secondary = batches_influence(model, prepared.texts, 1, options)
+        scores[positions] = break_ties(relevance[positions], secondary[positions])
+    else:
+        scores[positions] = relevance[positions]
     return scores
