@@ -1,6 +1,7 @@
 """Unstructured and N:M weight sparsity with uniform, OWL or DLP per-layer allocation.
 
-- :mod:`.scores`: magnitude and Wanda scores, input statistics; :mod:`.sparsegpt`: SparseGPT.
+- :mod:`.scores`: magnitude and Wanda scores, input statistics; :mod:`.sparsegpt`: SparseGPT
+  (reference block-threshold mask by default) and the relative reconstruction error.
 - :mod:`.allocation`: uniform / OWL / DLP per-layer sparsity (003 Eq. 5-6, Algorithm 1).
 - :mod:`.nm`: N:M patterns and DLP's mixed N:M; :mod:`.masks`: exact-count masks, apply/measure.
 - :mod:`.sequential`: the layer-by-layer calibration loop, :func:`sparsify`.
@@ -10,6 +11,7 @@ from lightning_prune.sparsity.allocation import ALLOCATIONS, DEFAULT_ALPHA, allo
 from lightning_prune.sparsity.masks import (
     NMPattern,
     apply_masks,
+    flat_keep_mask,
     mask_gradients,
     masks_from_model,
     measure_sparsity,
@@ -21,12 +23,19 @@ from lightning_prune.sparsity.masks import (
 )
 from lightning_prune.sparsity.nm import check_mixed, check_widths, mixed_patterns, parse_pattern, resolve_sparsity
 from lightning_prune.sparsity.scores import METHODS, InputStatistics, magnitude_scores, wanda_scores
-from lightning_prune.sparsity.sequential import SparsityResult, allocation_statistics, check_method, prune_linear, sparsify
-from lightning_prune.sparsity.sparsegpt import sparsegpt_prune
+from lightning_prune.sparsity.sequential import (
+    SparsityResult,
+    allocation_statistics,
+    check_method,
+    prune_linear,
+    sparsify,
+)
+from lightning_prune.sparsity.sparsegpt import MASK_RULES, check_mask_rule, reconstruction_error, sparsegpt_prune
 
 __all__ = [
     "ALLOCATIONS",
     "DEFAULT_ALPHA",
+    "MASK_RULES",
     "METHODS",
     "InputStatistics",
     "NMPattern",
@@ -35,9 +44,11 @@ __all__ = [
     "allocation_statistics",
     "apply_masks",
     "check_allocation",
+    "check_mask_rule",
     "check_method",
     "check_mixed",
     "check_widths",
+    "flat_keep_mask",
     "layer_statistic",
     "magnitude_scores",
     "mask_gradients",
@@ -48,6 +59,7 @@ __all__ = [
     "parse_pattern",
     "prunable_linears",
     "prune_linear",
+    "reconstruction_error",
     "resolve_sparsity",
     "row_counts",
     "sparsegpt_prune",

@@ -5,8 +5,8 @@
 2. For OWL / DLP, one pass over the *dense* layers computes each layer's statistic from its
    Wanda scores, and :func:`allocate` turns them into per-layer sparsities.
 3. For each layer in order: run it with hooks that collect its projections' input
-   statistics, prune every projection (per output row, exact counts), then run the *pruned*
-   layer to get the inputs of the next one.
+   statistics, prune every projection (per output row, exact counts; SparseGPT: per column
+   block or per row, ``mask_rule``), then run the *pruned* layer to get the inputs of the next one.
 
 Only one layer's activations are held besides the model (N × T × D hidden states).
 """
@@ -21,10 +21,17 @@ from lightning_prune.capture import LayerInputs, capture_layer_inputs, run_layer
 from lightning_prune.errors import InputError
 from lightning_prune.model.anatomy import Anatomy
 from lightning_prune.sparsity.allocation import allocate, check_allocation, layer_statistic
-from lightning_prune.sparsity.masks import NMPattern, base_linear, nm_keep_mask, row_counts, topk_keep_mask, unwrap_model
+from lightning_prune.sparsity.masks import (
+    NMPattern,
+    base_linear,
+    nm_keep_mask,
+    row_counts,
+    topk_keep_mask,
+    unwrap_model,
+)
 from lightning_prune.sparsity.nm import check_mixed, check_widths, mixed_patterns
 from lightning_prune.sparsity.scores import METHODS, InputStatistics, collect_statistics, magnitude_scores, wanda_scores
-from lightning_prune.sparsity.sparsegpt import sparsegpt_prune
+from lightning_prune.sparsity.sparsegpt import check_mask_rule, sparsegpt_prune
 
 __all__ = ["SparsityResult", "allocation_statistics", "check_method", "prune_linear", "sparsify"]
 
@@ -146,6 +153,7 @@ def sparsify(
     percdamp: float = 0.01,
     statistics: list[float] | None = None,
     progress: bool = True,
+    mask_rule: str = "block",
 ) -> SparsityResult:
     """Prune every q/k/v/o/gate/up/down projection of the decoder in place.
 
@@ -161,8 +169,11 @@ def sparsify(
         blocksize / percdamp: SparseGPT's lazy-update block and dampening.
         statistics: precomputed per-layer statistics for owl/dlp (:func:`allocation_statistics`).
         progress: show progress bars.
+        mask_rule: SparseGPT's unstructured mask: ``"block"`` (one threshold per column block,
+            the reference implementation) or ``"row"`` (exact count per row).
     """
     check_method(method)
+    check_mask_rule(mask_rule)
     model = unwrap_model(model)
     sparsity = pattern.sparsity if pattern else sparsity
     alpha = check_allocation(allocation, sparsity, alpha)
@@ -185,7 +196,7 @@ def sparsify(
         raise InputError(f"{len(statistics)} layer statistics given for a model with {num_layers} layers")
     result = SparsityResult(allocate(allocation, statistics or [0.0] * num_layers, sparsity, alpha), statistics)
     targets = _targets(result, pattern, allocation)
-    options = {"blocksize": blocksize, "percdamp": percdamp} if method == "sparsegpt" else {}
+    options = {"blocksize": blocksize, "percdamp": percdamp, "mask_rule": mask_rule} if method == "sparsegpt" else {}
     _prune_layers(model, inputs if method != "magnitude" else None, method, targets, result.masks, progress, options)
     model.train(was_training)
     return result

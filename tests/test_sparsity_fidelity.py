@@ -1,0 +1,125 @@
+"""Fidelity to the reference code (issue 15 item 4): SparseGPT's block mask, magnitude's scope,
+DLP's statistic and α table, OWL's M, mixed N:M defaults."""
+
+import pytest
+import torch
+from conftest import make_tiny_model, random_ids
+
+from lightning_prune.errors import InputError
+from lightning_prune.sparsity import (
+    measure_sparsity,
+    prunable_linears,
+    reconstruction_error,
+    row_counts,
+    sparsegpt_prune,
+    sparsify,
+)
+from lightning_prune.sparsity.sparsegpt import inverse_hessian_factor
+
+
+def _problem(rows: int = 24, cols: int = 64, tokens: int = 512, seed: int = 0):
+    """A weight with rows of very different scales and a Hessian of correlated, outlier-heavy inputs."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(tokens, cols, generator=generator)
+    inputs[:, :3] *= 10.0
+    inputs = inputs @ (torch.eye(cols) + 0.4 * torch.randn(cols, cols, generator=generator) / cols**0.5)
+    scales = torch.exp(torch.randn(rows, 1, generator=generator))
+    weight = torch.randn(rows, cols, generator=generator) * scales
+    return weight, 2.0 * inputs.T @ inputs / tokens, inputs
+
+
+def _reference_sparsegpt(weight, factor, sparsity, blocksize):
+    """Transcription of the reference rule (SparseGPT §3, IST-DASLab fasterprune), mask by threshold.
+
+    Per block: ``tmp = W1² / diag(Hinv1)²`` over all rows, ``thresh`` = the k-th smallest of the
+    flattened block (k = the block's share, here ``numel·p``), prune ``tmp <= thresh``; then the
+    OBS column loop and the lazy update of the later columns.
+    """
+    work = weight.clone().float()
+    mask = torch.zeros_like(work, dtype=torch.bool)
+    cols = work.shape[1]
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        block, hinv1 = work[:, i1:i2].clone(), factor[i1:i2, i1:i2]
+        quantized, errors = torch.zeros_like(block), torch.zeros_like(block)
+        tmp = block**2 / torch.diag(hinv1).reshape(1, -1) ** 2
+        k = int(tmp.numel() * sparsity)
+        block_mask = tmp <= torch.sort(tmp.flatten())[0][k - 1]
+        for i in range(i2 - i1):
+            w, d = block[:, i], hinv1[i, i]
+            q = w.clone()
+            q[block_mask[:, i]] = 0
+            quantized[:, i] = q
+            err = (w - q) / d
+            block[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            errors[:, i] = err
+        work[:, i1:i2] = quantized
+        mask[:, i1:i2] = block_mask
+        work[:, i2:] -= errors @ factor[i1:i2, i2:]
+    return work, ~mask
+
+
+def test_inverse_hessian_factor_matches_direct_computation():
+    _, hessian, _ = _problem()
+    damped = hessian.double() + 0.01 * hessian.diagonal().double().mean() * torch.eye(64, dtype=torch.float64)
+    expected = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+    assert torch.allclose(inverse_hessian_factor(hessian).double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_block_rule_equals_reference_transcription():
+    weight, hessian, _ = _problem()
+    factor = inverse_hessian_factor(hessian)
+    counts = row_counts(*weight.shape, 0.5)
+    new, keep = sparsegpt_prune(weight, hessian, counts=counts, blocksize=16)
+    ref_new, ref_keep = _reference_sparsegpt(weight, factor, 0.5, 16)
+    assert torch.equal(keep, ref_keep)
+    assert torch.allclose(new, ref_new, rtol=1e-4, atol=1e-4)
+    assert int((~keep).sum()) == int(counts.sum())
+    assert len(set((~keep).sum(1).tolist())) > 1  # rows are not forced to the same count
+
+
+def test_row_rule_keeps_exact_row_counts_and_differs_from_block_rule():
+    weight, hessian, _ = _problem()
+    counts = row_counts(*weight.shape, 0.5)
+    _, row_keep = sparsegpt_prune(weight, hessian, counts=counts, blocksize=16, mask_rule="row")
+    _, block_keep = sparsegpt_prune(weight, hessian, counts=counts, blocksize=16, mask_rule="block")
+    assert torch.equal((~row_keep).sum(1), counts)
+    assert not torch.equal(row_keep, block_keep)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_block_rule_reconstructs_no_worse_than_row_rule(seed):
+    weight, hessian, inputs = _problem(rows=48, cols=128, tokens=1024, seed=seed)
+    counts = row_counts(*weight.shape, 0.6)
+    errors = {}
+    for rule in ("block", "row"):
+        new, _ = sparsegpt_prune(weight, hessian, counts=counts, blocksize=32, mask_rule=rule)
+        errors[rule] = reconstruction_error(weight, new, hessian)
+        direct = float(((weight - new) @ inputs.T).square().sum() / (weight @ inputs.T).square().sum())
+        assert errors[rule] == pytest.approx(direct, rel=1e-3)
+    assert 0.0 < errors["block"] <= errors["row"]
+
+
+def test_reconstruction_error_extremes():
+    weight, hessian, _ = _problem()
+    assert reconstruction_error(weight, weight, hessian) == 0.0
+    assert reconstruction_error(weight, torch.zeros_like(weight), hessian) == pytest.approx(1.0)
+
+
+def test_sparsify_sparsegpt_default_is_block_rule():
+    ids = random_ids(2, 16)
+    default, explicit_row = make_tiny_model("llama"), make_tiny_model("llama")
+    first = sparsify(default, ids, method="sparsegpt", sparsity=0.6, progress=False)
+    second = sparsify(explicit_row, ids, method="sparsegpt", sparsity=0.6, mask_rule="row", progress=False)
+    assert measure_sparsity(default)["overall"] == pytest.approx(0.6, abs=1e-3)
+    varying = 0
+    for name, linear in prunable_linears(default):
+        assert int((~first.masks[name]).sum()) == int(row_counts(*linear.weight.shape, 0.6).sum())
+        assert torch.equal((~second.masks[name]).sum(1), row_counts(*linear.weight.shape, 0.6))
+        varying += len(set((~first.masks[name]).sum(1).tolist())) > 1
+    assert varying > 0
+
+
+def test_bad_mask_rule_names_the_option():
+    with pytest.raises(InputError, match="mask_rule='global'"):
+        sparsify(make_tiny_model("llama"), random_ids(2, 8), method="sparsegpt", mask_rule="global", progress=False)
