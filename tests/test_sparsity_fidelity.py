@@ -9,6 +9,7 @@ from lightning_prune.errors import InputError
 from lightning_prune.sparsity import (
     measure_sparsity,
     prunable_linears,
+    prune_linear,
     reconstruction_error,
     row_counts,
     sparsegpt_prune,
@@ -123,3 +124,42 @@ def test_sparsify_sparsegpt_default_is_block_rule():
 def test_bad_mask_rule_names_the_option():
     with pytest.raises(InputError, match="mask_rule='global'"):
         sparsify(make_tiny_model("llama"), random_ids(2, 8), method="sparsegpt", mask_rule="global", progress=False)
+
+
+# --- magnitude: per-row or per-matrix comparison groups ----------------------------------------
+
+
+def test_magnitude_matrix_scope_is_one_threshold_over_the_projection():
+    linear = torch.nn.Linear(48, 16, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(16, 48, generator=torch.Generator().manual_seed(0)) * torch.arange(1, 17)[:, None])
+    weight = linear.weight.detach().clone()
+    keep = prune_linear(linear, "magnitude", 0.5, None, magnitude_scope="matrix")
+    threshold = weight.abs().flatten().kthvalue(16 * 48 // 2).values
+    assert torch.equal(keep, weight.abs() > threshold)
+    assert len(set((~keep).sum(1).tolist())) > 1  # large-scale rows keep more
+
+
+def test_magnitude_row_scope_is_the_default():
+    weight = torch.randn(16, 48, generator=torch.Generator().manual_seed(0)) * torch.arange(1, 17)[:, None]
+    masks = {}
+    for scope in (None, "row"):
+        linear = torch.nn.Linear(48, 16, bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+        options = {} if scope is None else {"magnitude_scope": scope}
+        masks[scope] = prune_linear(linear, "magnitude", 0.5, None, **options)
+    assert torch.equal(masks[None], masks["row"]) and ((~masks["row"]).sum(1) == 24).all()
+
+
+def test_sparsify_magnitude_matrix_scope_reaches_target_without_data():
+    model = make_tiny_model("llama")
+    result = sparsify(model, None, method="magnitude", sparsity=0.7, magnitude_scope="matrix", progress=False)
+    assert measure_sparsity(model)["overall"] == pytest.approx(0.7, abs=1e-3)
+    for name, linear in prunable_linears(model):
+        assert int((~result.masks[name]).sum()) == round(0.7 * linear.weight.numel())
+
+
+def test_bad_magnitude_scope_names_the_option():
+    with pytest.raises(InputError, match="magnitude_scope='layer'"):
+        sparsify(make_tiny_model("llama"), None, method="magnitude", magnitude_scope="layer", progress=False)

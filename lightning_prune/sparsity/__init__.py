@@ -22,7 +22,14 @@ from lightning_prune.sparsity.masks import (
     unwrap_model,
 )
 from lightning_prune.sparsity.nm import check_mixed, check_widths, mixed_patterns, parse_pattern, resolve_sparsity
-from lightning_prune.sparsity.scores import METHODS, InputStatistics, magnitude_scores, wanda_scores
+from lightning_prune.sparsity.scores import (
+    MAGNITUDE_SCOPES,
+    METHODS,
+    InputStatistics,
+    check_magnitude_scope,
+    magnitude_scores,
+    wanda_scores,
+)
 from lightning_prune.sparsity.sequential import (
     SparsityResult,
     allocation_statistics,
@@ -35,6 +42,7 @@ from lightning_prune.sparsity.sparsegpt import MASK_RULES, check_mask_rule, reco
 __all__ = [
     "ALLOCATIONS",
     "DEFAULT_ALPHA",
+    "MAGNITUDE_SCOPES",
     "MASK_RULES",
     "METHODS",
     "InputStatistics",
@@ -44,6 +52,7 @@ __all__ = [
     "allocation_statistics",
     "apply_masks",
     "check_allocation",
+    "check_magnitude_scope",
     "check_mask_rule",
     "check_method",
     "check_mixed",

@@ -5,8 +5,9 @@
 2. For OWL / DLP, one pass over the *dense* layers computes each layer's statistic from its
    Wanda scores, and :func:`allocate` turns them into per-layer sparsities.
 3. For each layer in order: run it with hooks that collect its projections' input
-   statistics, prune every projection (per output row, exact counts; SparseGPT: per column
-   block or per row, ``mask_rule``), then run the *pruned* layer to get the inputs of the next one.
+   statistics, prune every projection (Wanda: per output row, exact counts; magnitude: per row
+   or per matrix, ``magnitude_scope``; SparseGPT: per column block or per row, ``mask_rule``),
+   then run the *pruned* layer to get the inputs of the next one.
 
 Only one layer's activations are held besides the model (N × T × D hidden states).
 """
@@ -24,13 +25,21 @@ from lightning_prune.sparsity.allocation import allocate, check_allocation, laye
 from lightning_prune.sparsity.masks import (
     NMPattern,
     base_linear,
+    flat_keep_mask,
     nm_keep_mask,
     row_counts,
     topk_keep_mask,
     unwrap_model,
 )
 from lightning_prune.sparsity.nm import check_mixed, check_widths, mixed_patterns
-from lightning_prune.sparsity.scores import METHODS, InputStatistics, collect_statistics, magnitude_scores, wanda_scores
+from lightning_prune.sparsity.scores import (
+    METHODS,
+    InputStatistics,
+    check_magnitude_scope,
+    collect_statistics,
+    magnitude_scores,
+    wanda_scores,
+)
 from lightning_prune.sparsity.sparsegpt import check_mask_rule, sparsegpt_prune
 
 __all__ = ["SparsityResult", "allocation_statistics", "check_method", "prune_linear", "sparsify"]
@@ -58,10 +67,32 @@ def check_method(method: str) -> None:
         raise InputError(f"method {method!r} is not known; choose one of {', '.join(METHODS)}")
 
 
+def _unstructured_keep(scores: torch.Tensor, counts: torch.Tensor, per_matrix: bool) -> torch.Tensor:
+    """Exact-count keep mask: each row's count, or their sum over the whole matrix."""
+    return flat_keep_mask(scores, int(counts.sum())) if per_matrix else topk_keep_mask(scores, counts)
+
+
 def prune_linear(
-    linear: nn.Module, method: str, target: float | NMPattern, stats: InputStatistics | None, **sparsegpt_options
+    linear: nn.Module,
+    method: str,
+    target: float | NMPattern,
+    stats: InputStatistics | None,
+    *,
+    magnitude_scope: str = "row",
+    **sparsegpt_options,
 ) -> torch.Tensor:
-    """Prune one linear in place to ``target`` (a sparsity or an N:M pattern); return its keep mask."""
+    """Prune one linear in place to ``target`` (a sparsity or an N:M pattern); return its keep mask.
+
+    Args:
+        linear: the projection (its ``weight`` is changed in place).
+        method: magnitude, wanda or sparsegpt.
+        target: the layer's sparsity, or its N:M pattern.
+        stats: the projection's input statistics (``None`` for magnitude).
+        magnitude_scope: unstructured magnitude only: ``"row"`` (exact count per output row) or
+            ``"matrix"`` (one threshold over the whole projection, 003's Magnitude baseline).
+        **sparsegpt_options: ``blocksize``, ``percdamp``, ``mask_rule`` of :func:`sparsegpt_prune`.
+    """
+    check_magnitude_scope(magnitude_scope)
     weight = linear.weight
     pattern = target if isinstance(target, NMPattern) else None
     counts = None if pattern else row_counts(*weight.shape, target)
@@ -70,7 +101,8 @@ def prune_linear(
         weight.data.copy_(new_weight.to(weight.dtype))
         return keep
     scores = magnitude_scores(weight) if method == "magnitude" else wanda_scores(weight, stats)
-    keep = nm_keep_mask(scores, pattern) if pattern else topk_keep_mask(scores, counts)
+    per_matrix = method == "magnitude" and magnitude_scope == "matrix"
+    keep = nm_keep_mask(scores, pattern) if pattern else _unstructured_keep(scores, counts, per_matrix)
     weight.data.mul_(keep.to(weight.dtype))
     return keep
 
@@ -154,6 +186,7 @@ def sparsify(
     statistics: list[float] | None = None,
     progress: bool = True,
     mask_rule: str = "block",
+    magnitude_scope: str = "row",
 ) -> SparsityResult:
     """Prune every q/k/v/o/gate/up/down projection of the decoder in place.
 
@@ -171,9 +204,12 @@ def sparsify(
         progress: show progress bars.
         mask_rule: SparseGPT's unstructured mask: ``"block"`` (one threshold per column block,
             the reference implementation) or ``"row"`` (exact count per row).
+        magnitude_scope: magnitude's unstructured comparison group: ``"row"`` or ``"matrix"``
+            (one threshold per projection — 003's Magnitude baseline).
     """
     check_method(method)
     check_mask_rule(mask_rule)
+    check_magnitude_scope(magnitude_scope)
     model = unwrap_model(model)
     sparsity = pattern.sparsity if pattern else sparsity
     alpha = check_allocation(allocation, sparsity, alpha)
@@ -196,7 +232,10 @@ def sparsify(
         raise InputError(f"{len(statistics)} layer statistics given for a model with {num_layers} layers")
     result = SparsityResult(allocate(allocation, statistics or [0.0] * num_layers, sparsity, alpha), statistics)
     targets = _targets(result, pattern, allocation)
-    options = {"blocksize": blocksize, "percdamp": percdamp, "mask_rule": mask_rule} if method == "sparsegpt" else {}
+    if method == "sparsegpt":
+        options = {"blocksize": blocksize, "percdamp": percdamp, "mask_rule": mask_rule}
+    else:
+        options = {"magnitude_scope": magnitude_scope}
     _prune_layers(model, inputs if method != "magnitude" else None, method, targets, result.masks, progress, options)
     model.train(was_training)
     return result
