@@ -7,6 +7,11 @@ from conftest import make_tiny_model, random_ids
 
 from lightning_prune.errors import InputError
 from lightning_prune.sparsity import (
+    NMPattern,
+    allocation_statistics,
+    check_allocation,
+    default_alpha,
+    layer_statistic,
     measure_sparsity,
     prunable_linears,
     prune_linear,
@@ -16,6 +21,8 @@ from lightning_prune.sparsity import (
     sparsify,
 )
 from lightning_prune.sparsity.sparsegpt import inverse_hessian_factor
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
 def _problem(rows: int = 24, cols: int = 64, tokens: int = 512, seed: int = 0):
@@ -163,3 +170,80 @@ def test_sparsify_magnitude_matrix_scope_reaches_target_without_data():
 def test_bad_magnitude_scope_names_the_option():
     with pytest.raises(InputError, match="magnitude_scope='layer'"):
         sparsify(make_tiny_model("llama"), None, method="magnitude", magnitude_scope="layer", progress=False)
+
+
+# --- DLP's statistic (median or mean) and OWL's M -----------------------------------------------
+
+
+def test_layer_statistic_options():
+    scores = torch.tensor([1.0, 2.0, 3.0, 10.0, 100.0])
+    assert layer_statistic("dlp", scores) == 3.0
+    assert layer_statistic("dlp", scores, dlp_statistic="mean") == pytest.approx(23.2)
+    assert layer_statistic("owl", scores) == 0.0  # nothing above 5 × 23.2
+    assert layer_statistic("owl", scores, owl_m=2.0) == pytest.approx(0.2)
+    assert layer_statistic("owl", scores, owl_m=0.4) == pytest.approx(0.4)
+
+
+def test_sparsify_passes_statistic_options_to_the_allocation():
+    ids = random_ids(2, 16)
+    reference = allocation_statistics(make_tiny_model("llama"), ids, ("dlp", "owl"), dlp_statistic="mean", owl_m=2.0,
+                                      progress=False)
+    median = allocation_statistics(make_tiny_model("llama"), ids, ("dlp",), progress=False)["dlp"]
+    mean = sparsify(make_tiny_model("llama"), ids, allocation="dlp", sparsity=0.6, alpha=0.1, dlp_statistic="mean",
+                    progress=False)
+    owl = sparsify(make_tiny_model("llama"), ids, allocation="owl", sparsity=0.6, alpha=0.1, owl_m=2.0, progress=False)
+    assert mean.layer_statistic == pytest.approx(reference["dlp"])
+    assert owl.layer_statistic == pytest.approx(reference["owl"])
+    assert mean.layer_statistic != pytest.approx(median)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"dlp_statistic": "max"}, "dlp_statistic='max'"), ({"owl_m": 0.0}, "owl_m=0.0"), ({"owl_m": -1}, "owl_m=-1")],
+)
+def test_bad_statistic_options_name_the_option(options, message):
+    with pytest.raises(InputError, match=message):
+        check_allocation("dlp", 0.5, None, **options)
+    with pytest.raises(InputError, match=message):
+        sparsify(make_tiny_model("llama"), random_ids(2, 8), allocation="owl", progress=False, **options)
+
+
+# --- default α: 003 Table 19 for DLP, OWL's λ, mixed N:M ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("allocation", "sparsity", "expected"),
+    [
+        ("dlp", 0.5, 0.04), ("dlp", 0.6, 0.10), ("dlp", 0.7, 0.15), ("dlp", 0.8, 0.12), ("dlp", 0.2, 0.02),
+        ("dlp", 0.55, 0.04),  # halfway: the smaller α of the two neighbours
+        ("dlp", 0.66, 0.15), ("dlp", 0.05, 0.05),  # 0.06 clamped to p
+        ("dlp", 0.9, 0.099),  # 0.12 clamped below 1 - p
+        ("owl", 0.5, 0.08), ("owl", 0.7, 0.08), ("owl", 0.05, 0.05),
+    ],
+)
+def test_default_alpha_unstructured(allocation, sparsity, expected):
+    assert default_alpha(allocation, sparsity) == pytest.approx(expected)
+    assert check_allocation(allocation, sparsity, None) == pytest.approx(expected)
+
+
+def test_default_alpha_mixed_nm_and_explicit_alpha_wins():
+    assert check_allocation("owl", 0.5, None, pattern=NMPattern(2, 4)) == pytest.approx(0.15)
+    assert check_allocation("dlp", 0.5, None, pattern=NMPattern(4, 8)) == pytest.approx(0.075)
+    assert check_allocation("dlp", 0.5, 0.2, pattern=NMPattern(2, 4)) == 0.2
+    assert check_allocation("uniform", 0.5, None, pattern=NMPattern(2, 4)) is None
+    with pytest.raises(InputError, match="needs sparsity > 0"):
+        check_allocation("dlp", 0.0, None)
+
+
+@pytest.mark.parametrize("allocation", ["owl", "dlp"])
+@pytest.mark.parametrize("method", METHODS)
+def test_mixed_2_4_with_default_alpha_works(method, allocation):
+    model = make_tiny_model("llama")
+    result = sparsify(model, random_ids(2, 16), method=method, allocation=allocation, pattern=NMPattern(2, 4),
+                      progress=False)
+    ns = [int(p.split(":")[0]) for p in result.layer_patterns]
+    assert len(set(ns)) > 1 and sum(ns) == 2 * len(ns) and 1 <= min(ns) and max(ns) <= 3
+    for name, _ in prunable_linears(model):
+        groups = result.masks[name].reshape(result.masks[name].shape[0], -1, 4).sum(-1)
+        assert (groups == ns[int(name.split(".")[1])]).all(), name
+    assert measure_sparsity(model)["overall"] == pytest.approx(0.5, abs=1e-9)

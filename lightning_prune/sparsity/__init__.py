@@ -7,7 +7,18 @@
 - :mod:`.sequential`: the layer-by-layer calibration loop, :func:`sparsify`.
 """
 
-from lightning_prune.sparsity.allocation import ALLOCATIONS, DEFAULT_ALPHA, allocate, check_allocation, layer_statistic
+from lightning_prune.sparsity.allocation import (
+    ALLOCATIONS,
+    DEFAULT_ALPHA,
+    DLP_ALPHA_TABLE,
+    DLP_STATISTICS,
+    OWL_OUTLIER_MULTIPLE,
+    allocate,
+    check_allocation,
+    check_statistic_options,
+    default_alpha,
+    layer_statistic,
+)
 from lightning_prune.sparsity.masks import (
     NMPattern,
     apply_masks,
@@ -42,9 +53,12 @@ from lightning_prune.sparsity.sparsegpt import MASK_RULES, check_mask_rule, reco
 __all__ = [
     "ALLOCATIONS",
     "DEFAULT_ALPHA",
+    "DLP_ALPHA_TABLE",
+    "DLP_STATISTICS",
     "MAGNITUDE_SCOPES",
     "MASK_RULES",
     "METHODS",
+    "OWL_OUTLIER_MULTIPLE",
     "InputStatistics",
     "NMPattern",
     "SparsityResult",
@@ -56,7 +70,9 @@ __all__ = [
     "check_mask_rule",
     "check_method",
     "check_mixed",
+    "check_statistic_options",
     "check_widths",
+    "default_alpha",
     "flat_keep_mask",
     "layer_statistic",
     "magnitude_scores",

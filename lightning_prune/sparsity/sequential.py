@@ -21,7 +21,13 @@ from tqdm.auto import tqdm
 from lightning_prune.capture import LayerInputs, capture_layer_inputs, run_layers
 from lightning_prune.errors import InputError
 from lightning_prune.model.anatomy import Anatomy
-from lightning_prune.sparsity.allocation import allocate, check_allocation, layer_statistic
+from lightning_prune.sparsity.allocation import (
+    OWL_OUTLIER_MULTIPLE,
+    allocate,
+    check_allocation,
+    check_statistic_options,
+    layer_statistic,
+)
 from lightning_prune.sparsity.masks import (
     NMPattern,
     base_linear,
@@ -115,8 +121,13 @@ def _linears(anatomy: Anatomy, position: int) -> dict[str, nn.Module]:
     return {role: base_linear(module) for role, module in anatomy.linears(anatomy.layers[position]).items()}
 
 
-def _allocation_statistics(model, inputs: LayerInputs, allocations, progress: bool) -> dict[str, list[float]]:
-    """Dense pass: each layer's statistic of its concatenated Wanda scores (003 Algorithm 1 lines 4–5)."""
+def _allocation_statistics(
+    model, inputs: LayerInputs, allocations, progress: bool, **statistic_options
+) -> dict[str, list[float]]:
+    """Dense pass: each layer's statistic of its concatenated Wanda scores (003 Algorithm 1 lines 4–5).
+
+    ``statistic_options``: ``dlp_statistic`` / ``owl_m`` of :func:`layer_statistic`.
+    """
     anatomy = Anatomy(model)
     values = {allocation: [] for allocation in allocations}
     hidden = inputs.hidden
@@ -126,18 +137,30 @@ def _allocation_statistics(model, inputs: LayerInputs, allocations, progress: bo
             hidden = _run_layer(model, position, LayerInputs(position, hidden, inputs.kwargs))
         scores = torch.cat([wanda_scores(linear.weight, stats[role]).flatten() for role, linear in linears.items()])
         for allocation in allocations:
-            values[allocation].append(layer_statistic(allocation, scores))
+            values[allocation].append(layer_statistic(allocation, scores, **statistic_options))
     return values
 
 
 @torch.no_grad()
 def allocation_statistics(
-    model: nn.Module, blocks: torch.Tensor, allocations=("owl", "dlp"), *, batch_size: int = 8, progress: bool = True
+    model: nn.Module,
+    blocks: torch.Tensor,
+    allocations=("owl", "dlp"),
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    dlp_statistic: str = "median",
+    owl_m: float = OWL_OUTLIER_MULTIPLE,
 ) -> dict[str, list[float]]:
-    """Per allocation, the per-layer statistics of the dense model (reusable across methods and targets)."""
+    """Per allocation, the per-layer statistics of the dense model (reusable across methods and targets).
+
+    ``dlp_statistic`` (median, 003 Eq. 5; or mean, DLP's released code) and ``owl_m`` (OWL's M,
+    003 Eq. 4) are as in :func:`layer_statistic`.
+    """
+    check_statistic_options(dlp_statistic, owl_m)
     model = unwrap_model(model)
     inputs = capture_layer_inputs(model, blocks.split(batch_size), 0)
-    return _allocation_statistics(model, inputs, allocations, progress)
+    return _allocation_statistics(model, inputs, allocations, progress, dlp_statistic=dlp_statistic, owl_m=owl_m)
 
 
 def _targets(result: SparsityResult, pattern: NMPattern | None, allocation: str) -> list[float | NMPattern]:
@@ -187,6 +210,8 @@ def sparsify(
     progress: bool = True,
     mask_rule: str = "block",
     magnitude_scope: str = "row",
+    dlp_statistic: str = "median",
+    owl_m: float = OWL_OUTLIER_MULTIPLE,
 ) -> SparsityResult:
     """Prune every q/k/v/o/gate/up/down projection of the decoder in place.
 
@@ -196,23 +221,29 @@ def sparsify(
         method: magnitude, wanda or sparsegpt.
         allocation: uniform, owl or dlp.
         sparsity: target fraction of pruned weights p (ignored when ``pattern`` is given: p = 1 − N/M).
-        alpha: DLP's α / OWL's λ (default per allocation).
+        alpha: DLP's α / OWL's λ (default: :func:`default_alpha` — 003 Table 19 for dlp, 0.08 for
+            owl, ``0.6/M`` for mixed N:M).
         pattern: N:M pattern; with owl/dlp each layer gets its own N (mixed N:M).
         batch_size: calibration blocks per forward.
         blocksize / percdamp: SparseGPT's lazy-update block and dampening.
-        statistics: precomputed per-layer statistics for owl/dlp (:func:`allocation_statistics`).
+        statistics: precomputed per-layer statistics for owl/dlp (:func:`allocation_statistics`;
+            ``dlp_statistic`` and ``owl_m`` then do not apply).
         progress: show progress bars.
         mask_rule: SparseGPT's unstructured mask: ``"block"`` (one threshold per column block,
             the reference implementation) or ``"row"`` (exact count per row).
         magnitude_scope: magnitude's unstructured comparison group: ``"row"`` or ``"matrix"``
             (one threshold per projection — 003's Magnitude baseline).
+        dlp_statistic: DLP's layer unimportance S_l: ``"median"`` (003 Eq. 5) or ``"mean"``
+            (the authors' released code).
+        owl_m: OWL's outlier multiplier M (003 Eq. 4).
     """
     check_method(method)
     check_mask_rule(mask_rule)
     check_magnitude_scope(magnitude_scope)
     model = unwrap_model(model)
     sparsity = pattern.sparsity if pattern else sparsity
-    alpha = check_allocation(allocation, sparsity, alpha)
+    mixed = pattern if allocation != "uniform" else None
+    alpha = check_allocation(allocation, sparsity, alpha, pattern=mixed, dlp_statistic=dlp_statistic, owl_m=owl_m)
     if pattern:
         check_widths(model, pattern)
         if allocation != "uniform":
@@ -227,7 +258,8 @@ def sparsify(
     if allocation == "uniform":
         statistics = None
     elif statistics is None:
-        statistics = _allocation_statistics(model, inputs, [allocation], progress)[allocation]
+        statistic_options = {"dlp_statistic": dlp_statistic, "owl_m": owl_m}
+        statistics = _allocation_statistics(model, inputs, [allocation], progress, **statistic_options)[allocation]
     elif len(statistics) != num_layers:
         raise InputError(f"{len(statistics)} layer statistics given for a model with {num_layers} layers")
     result = SparsityResult(allocate(allocation, statistics or [0.0] * num_layers, sparsity, alpha), statistics)
