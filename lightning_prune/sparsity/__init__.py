@@ -1,15 +1,28 @@
 """Unstructured and N:M weight sparsity with uniform, OWL or DLP per-layer allocation.
 
-- :mod:`.scores`: magnitude and Wanda scores, input statistics; :mod:`.sparsegpt`: SparseGPT.
+- :mod:`.scores`: magnitude and Wanda scores, input statistics; :mod:`.sparsegpt`: SparseGPT
+  (reference block-threshold mask by default) and the relative reconstruction error.
 - :mod:`.allocation`: uniform / OWL / DLP per-layer sparsity (003 Eq. 5-6, Algorithm 1).
 - :mod:`.nm`: N:M patterns and DLP's mixed N:M; :mod:`.masks`: exact-count masks, apply/measure.
 - :mod:`.sequential`: the layer-by-layer calibration loop, :func:`sparsify`.
 """
 
-from lightning_prune.sparsity.allocation import ALLOCATIONS, DEFAULT_ALPHA, allocate, check_allocation, layer_statistic
+from lightning_prune.sparsity.allocation import (
+    ALLOCATIONS,
+    DEFAULT_ALPHA,
+    DLP_ALPHA_TABLE,
+    DLP_STATISTICS,
+    OWL_OUTLIER_MULTIPLE,
+    allocate,
+    check_allocation,
+    check_statistic_options,
+    default_alpha,
+    layer_statistic,
+)
 from lightning_prune.sparsity.masks import (
     NMPattern,
     apply_masks,
+    flat_keep_mask,
     mask_gradients,
     masks_from_model,
     measure_sparsity,
@@ -20,14 +33,32 @@ from lightning_prune.sparsity.masks import (
     unwrap_model,
 )
 from lightning_prune.sparsity.nm import check_mixed, check_widths, mixed_patterns, parse_pattern, resolve_sparsity
-from lightning_prune.sparsity.scores import METHODS, InputStatistics, magnitude_scores, wanda_scores
-from lightning_prune.sparsity.sequential import SparsityResult, allocation_statistics, check_method, prune_linear, sparsify
-from lightning_prune.sparsity.sparsegpt import sparsegpt_prune
+from lightning_prune.sparsity.scores import (
+    MAGNITUDE_SCOPES,
+    METHODS,
+    InputStatistics,
+    check_magnitude_scope,
+    magnitude_scores,
+    wanda_scores,
+)
+from lightning_prune.sparsity.sequential import (
+    SparsityResult,
+    allocation_statistics,
+    check_method,
+    prune_linear,
+    sparsify,
+)
+from lightning_prune.sparsity.sparsegpt import MASK_RULES, check_mask_rule, reconstruction_error, sparsegpt_prune
 
 __all__ = [
     "ALLOCATIONS",
     "DEFAULT_ALPHA",
+    "DLP_ALPHA_TABLE",
+    "DLP_STATISTICS",
+    "MAGNITUDE_SCOPES",
+    "MASK_RULES",
     "METHODS",
+    "OWL_OUTLIER_MULTIPLE",
     "InputStatistics",
     "NMPattern",
     "SparsityResult",
@@ -35,9 +66,14 @@ __all__ = [
     "allocation_statistics",
     "apply_masks",
     "check_allocation",
+    "check_magnitude_scope",
+    "check_mask_rule",
     "check_method",
     "check_mixed",
+    "check_statistic_options",
     "check_widths",
+    "default_alpha",
+    "flat_keep_mask",
     "layer_statistic",
     "magnitude_scores",
     "mask_gradients",
@@ -48,6 +84,7 @@ __all__ = [
     "parse_pattern",
     "prunable_linears",
     "prune_linear",
+    "reconstruction_error",
     "resolve_sparsity",
     "row_counts",
     "sparsegpt_prune",

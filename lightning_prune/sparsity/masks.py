@@ -14,16 +14,17 @@ from lightning_prune.model.anatomy import Anatomy
 
 __all__ = [
     "NMPattern",
-    "row_counts",
-    "topk_keep_mask",
-    "nm_keep_mask",
-    "base_linear",
-    "prunable_linears",
-    "unwrap_model",
     "apply_masks",
+    "base_linear",
+    "flat_keep_mask",
     "mask_gradients",
     "masks_from_model",
     "measure_sparsity",
+    "nm_keep_mask",
+    "prunable_linears",
+    "row_counts",
+    "topk_keep_mask",
+    "unwrap_model",
 ]
 
 
@@ -77,6 +78,18 @@ def topk_keep_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
     ranks.scatter_(1, order, positions)
     return ranks >= counts.to(scores.device)[:, None]
+
+
+def flat_keep_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Prune the ``count`` lowest scores of the whole tensor, all rows together (ties by position).
+
+    One threshold over the matrix (or block) instead of one per row: rows may lose different
+    numbers of weights, the total is exactly ``count``.
+    """
+    order = torch.sort(scores.float().flatten(), stable=True).indices
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    keep[order[: int(count)]] = False
+    return keep.reshape(scores.shape)
 
 
 def nm_keep_mask(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:

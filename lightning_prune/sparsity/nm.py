@@ -13,16 +13,17 @@ from torch import nn
 
 from lightning_prune.errors import InputError
 from lightning_prune.model.anatomy import family_spec
+from lightning_prune.sparsity.allocation import MIXED_NM_SPREAD
 from lightning_prune.sparsity.masks import NMPattern, prunable_linears
 
 __all__ = [
     "DEFAULT_SPARSITY",
+    "check_mixed",
+    "check_widths",
+    "config_widths",
+    "mixed_patterns",
     "parse_pattern",
     "resolve_sparsity",
-    "check_mixed",
-    "config_widths",
-    "check_widths",
-    "mixed_patterns",
 ]
 
 DEFAULT_SPARSITY = 0.5
@@ -105,6 +106,6 @@ def mixed_patterns(sparsities: list[float], pattern: NMPattern) -> list[NMPatter
     if len(set(floors)) == 1 and len(floors) > 1:
         raise InputError(
             f"alpha is too small for mixed {pattern}: every layer rounds to {pattern}; "
-            f"use alpha >= {0.5 / pattern.m:.3g} or allocation uniform"
+            f"use alpha > {0.5 / pattern.m:.3g} (default {MIXED_NM_SPREAD / pattern.m:.3g}) or allocation uniform"
         )
     return [NMPattern(n, pattern.m) for n in floors]

@@ -1,6 +1,7 @@
 """Weight scores for unstructured pruning, and the input statistics they need.
 
-- magnitude: ``|W_ij|``.
+- magnitude: ``|W_ij|``, compared within each output row (``magnitude_scope="row"``) or over
+  the whole matrix (``"matrix"``, the Magnitude baseline of 003 §4.1 and the authors' code).
 - Wanda (003 Eq. 3, Sun et al. 2024): ``|W_ij| · ‖X_j‖₂``, compared within each output row.
 - SparseGPT (003 Eq. 2, Frantar & Alistarh 2023) needs the Hessian ``H = 2XᵀX/n``; its
   pruning with OBS weight updates lives in :mod:`lightning_prune.sparsity.sparsegpt`.
@@ -16,9 +17,35 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["METHODS", "InputStatistics", "collect_statistics", "magnitude_scores", "wanda_scores"]
+from lightning_prune.errors import InputError
+
+__all__ = [
+    "MAGNITUDE_SCOPES",
+    "METHODS",
+    "InputStatistics",
+    "check_magnitude_scope",
+    "collect_statistics",
+    "magnitude_scores",
+    "wanda_scores",
+]
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
+MAGNITUDE_SCOPES = ("row", "matrix")
+
+
+def check_magnitude_scope(magnitude_scope: str) -> None:
+    """Raise :class:`InputError` unless ``magnitude_scope`` is one of :data:`MAGNITUDE_SCOPES`.
+
+    ``"row"`` compares ``|W_ij|`` within each output row (exact per-row counts, as Wanda does
+    for its own score); ``"matrix"`` takes one threshold over the whole projection — this is
+    the "Magnitude" baseline of 003 (§4.1, Tables 3/10; the authors' code, like Wanda's, sorts
+    the flattened ``|W|`` of each projection).
+    """
+    if magnitude_scope not in MAGNITUDE_SCOPES:
+        raise InputError(
+            f"magnitude_scope={magnitude_scope!r} is not known; choose 'row' (per output row) or "
+            "'matrix' (one threshold per projection, 003's Magnitude baseline)"
+        )
 
 
 class InputStatistics:

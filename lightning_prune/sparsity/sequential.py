@@ -5,8 +5,9 @@
 2. For OWL / DLP, one pass over the *dense* layers computes each layer's statistic from its
    Wanda scores, and :func:`allocate` turns them into per-layer sparsities.
 3. For each layer in order: run it with hooks that collect its projections' input
-   statistics, prune every projection (per output row, exact counts), then run the *pruned*
-   layer to get the inputs of the next one.
+   statistics, prune every projection (Wanda: per output row, exact counts; magnitude: per row
+   or per matrix, ``magnitude_scope``; SparseGPT: per column block or per row, ``mask_rule``),
+   then run the *pruned* layer to get the inputs of the next one.
 
 Only one layer's activations are held besides the model (N × T × D hidden states).
 """
@@ -20,11 +21,32 @@ from tqdm.auto import tqdm
 from lightning_prune.capture import LayerInputs, capture_layer_inputs, run_layers
 from lightning_prune.errors import InputError
 from lightning_prune.model.anatomy import Anatomy
-from lightning_prune.sparsity.allocation import allocate, check_allocation, layer_statistic
-from lightning_prune.sparsity.masks import NMPattern, base_linear, nm_keep_mask, row_counts, topk_keep_mask, unwrap_model
+from lightning_prune.sparsity.allocation import (
+    OWL_OUTLIER_MULTIPLE,
+    allocate,
+    check_allocation,
+    check_statistic_options,
+    layer_statistic,
+)
+from lightning_prune.sparsity.masks import (
+    NMPattern,
+    base_linear,
+    flat_keep_mask,
+    nm_keep_mask,
+    row_counts,
+    topk_keep_mask,
+    unwrap_model,
+)
 from lightning_prune.sparsity.nm import check_mixed, check_widths, mixed_patterns
-from lightning_prune.sparsity.scores import METHODS, InputStatistics, collect_statistics, magnitude_scores, wanda_scores
-from lightning_prune.sparsity.sparsegpt import sparsegpt_prune
+from lightning_prune.sparsity.scores import (
+    METHODS,
+    InputStatistics,
+    check_magnitude_scope,
+    collect_statistics,
+    magnitude_scores,
+    wanda_scores,
+)
+from lightning_prune.sparsity.sparsegpt import check_mask_rule, sparsegpt_prune
 
 __all__ = ["SparsityResult", "allocation_statistics", "check_method", "prune_linear", "sparsify"]
 
@@ -51,10 +73,32 @@ def check_method(method: str) -> None:
         raise InputError(f"method {method!r} is not known; choose one of {', '.join(METHODS)}")
 
 
+def _unstructured_keep(scores: torch.Tensor, counts: torch.Tensor, per_matrix: bool) -> torch.Tensor:
+    """Exact-count keep mask: each row's count, or their sum over the whole matrix."""
+    return flat_keep_mask(scores, int(counts.sum())) if per_matrix else topk_keep_mask(scores, counts)
+
+
 def prune_linear(
-    linear: nn.Module, method: str, target: float | NMPattern, stats: InputStatistics | None, **sparsegpt_options
+    linear: nn.Module,
+    method: str,
+    target: float | NMPattern,
+    stats: InputStatistics | None,
+    *,
+    magnitude_scope: str = "row",
+    **sparsegpt_options,
 ) -> torch.Tensor:
-    """Prune one linear in place to ``target`` (a sparsity or an N:M pattern); return its keep mask."""
+    """Prune one linear in place to ``target`` (a sparsity or an N:M pattern); return its keep mask.
+
+    Args:
+        linear: the projection (its ``weight`` is changed in place).
+        method: magnitude, wanda or sparsegpt.
+        target: the layer's sparsity, or its N:M pattern.
+        stats: the projection's input statistics (``None`` for magnitude).
+        magnitude_scope: unstructured magnitude only: ``"row"`` (exact count per output row) or
+            ``"matrix"`` (one threshold over the whole projection, 003's Magnitude baseline).
+        **sparsegpt_options: ``blocksize``, ``percdamp``, ``mask_rule`` of :func:`sparsegpt_prune`.
+    """
+    check_magnitude_scope(magnitude_scope)
     weight = linear.weight
     pattern = target if isinstance(target, NMPattern) else None
     counts = None if pattern else row_counts(*weight.shape, target)
@@ -63,7 +107,8 @@ def prune_linear(
         weight.data.copy_(new_weight.to(weight.dtype))
         return keep
     scores = magnitude_scores(weight) if method == "magnitude" else wanda_scores(weight, stats)
-    keep = nm_keep_mask(scores, pattern) if pattern else topk_keep_mask(scores, counts)
+    per_matrix = method == "magnitude" and magnitude_scope == "matrix"
+    keep = nm_keep_mask(scores, pattern) if pattern else _unstructured_keep(scores, counts, per_matrix)
     weight.data.mul_(keep.to(weight.dtype))
     return keep
 
@@ -76,8 +121,13 @@ def _linears(anatomy: Anatomy, position: int) -> dict[str, nn.Module]:
     return {role: base_linear(module) for role, module in anatomy.linears(anatomy.layers[position]).items()}
 
 
-def _allocation_statistics(model, inputs: LayerInputs, allocations, progress: bool) -> dict[str, list[float]]:
-    """Dense pass: each layer's statistic of its concatenated Wanda scores (003 Algorithm 1 lines 4–5)."""
+def _allocation_statistics(
+    model, inputs: LayerInputs, allocations, progress: bool, **statistic_options
+) -> dict[str, list[float]]:
+    """Dense pass: each layer's statistic of its concatenated Wanda scores (003 Algorithm 1 lines 4–5).
+
+    ``statistic_options``: ``dlp_statistic`` / ``owl_m`` of :func:`layer_statistic`.
+    """
     anatomy = Anatomy(model)
     values = {allocation: [] for allocation in allocations}
     hidden = inputs.hidden
@@ -87,18 +137,30 @@ def _allocation_statistics(model, inputs: LayerInputs, allocations, progress: bo
             hidden = _run_layer(model, position, LayerInputs(position, hidden, inputs.kwargs))
         scores = torch.cat([wanda_scores(linear.weight, stats[role]).flatten() for role, linear in linears.items()])
         for allocation in allocations:
-            values[allocation].append(layer_statistic(allocation, scores))
+            values[allocation].append(layer_statistic(allocation, scores, **statistic_options))
     return values
 
 
 @torch.no_grad()
 def allocation_statistics(
-    model: nn.Module, blocks: torch.Tensor, allocations=("owl", "dlp"), *, batch_size: int = 8, progress: bool = True
+    model: nn.Module,
+    blocks: torch.Tensor,
+    allocations=("owl", "dlp"),
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    dlp_statistic: str = "median",
+    owl_m: float = OWL_OUTLIER_MULTIPLE,
 ) -> dict[str, list[float]]:
-    """Per allocation, the per-layer statistics of the dense model (reusable across methods and targets)."""
+    """Per allocation, the per-layer statistics of the dense model (reusable across methods and targets).
+
+    ``dlp_statistic`` (median, 003 Eq. 5; or mean, DLP's released code) and ``owl_m`` (OWL's M,
+    003 Eq. 4) are as in :func:`layer_statistic`.
+    """
+    check_statistic_options(dlp_statistic, owl_m)
     model = unwrap_model(model)
     inputs = capture_layer_inputs(model, blocks.split(batch_size), 0)
-    return _allocation_statistics(model, inputs, allocations, progress)
+    return _allocation_statistics(model, inputs, allocations, progress, dlp_statistic=dlp_statistic, owl_m=owl_m)
 
 
 def _targets(result: SparsityResult, pattern: NMPattern | None, allocation: str) -> list[float | NMPattern]:
@@ -146,6 +208,10 @@ def sparsify(
     percdamp: float = 0.01,
     statistics: list[float] | None = None,
     progress: bool = True,
+    mask_rule: str = "block",
+    magnitude_scope: str = "row",
+    dlp_statistic: str = "median",
+    owl_m: float = OWL_OUTLIER_MULTIPLE,
 ) -> SparsityResult:
     """Prune every q/k/v/o/gate/up/down projection of the decoder in place.
 
@@ -155,17 +221,29 @@ def sparsify(
         method: magnitude, wanda or sparsegpt.
         allocation: uniform, owl or dlp.
         sparsity: target fraction of pruned weights p (ignored when ``pattern`` is given: p = 1 − N/M).
-        alpha: DLP's α / OWL's λ (default per allocation).
+        alpha: DLP's α / OWL's λ (default: :func:`default_alpha` — 003 Table 19 for dlp, 0.08 for
+            owl, ``0.6/M`` for mixed N:M).
         pattern: N:M pattern; with owl/dlp each layer gets its own N (mixed N:M).
         batch_size: calibration blocks per forward.
         blocksize / percdamp: SparseGPT's lazy-update block and dampening.
-        statistics: precomputed per-layer statistics for owl/dlp (:func:`allocation_statistics`).
+        statistics: precomputed per-layer statistics for owl/dlp (:func:`allocation_statistics`;
+            ``dlp_statistic`` and ``owl_m`` then do not apply).
         progress: show progress bars.
+        mask_rule: SparseGPT's unstructured mask: ``"block"`` (one threshold per column block,
+            the reference implementation) or ``"row"`` (exact count per row).
+        magnitude_scope: magnitude's unstructured comparison group: ``"row"`` or ``"matrix"``
+            (one threshold per projection — 003's Magnitude baseline).
+        dlp_statistic: DLP's layer unimportance S_l: ``"median"`` (003 Eq. 5) or ``"mean"``
+            (the authors' released code).
+        owl_m: OWL's outlier multiplier M (003 Eq. 4).
     """
     check_method(method)
+    check_mask_rule(mask_rule)
+    check_magnitude_scope(magnitude_scope)
     model = unwrap_model(model)
     sparsity = pattern.sparsity if pattern else sparsity
-    alpha = check_allocation(allocation, sparsity, alpha)
+    mixed = pattern if allocation != "uniform" else None
+    alpha = check_allocation(allocation, sparsity, alpha, pattern=mixed, dlp_statistic=dlp_statistic, owl_m=owl_m)
     if pattern:
         check_widths(model, pattern)
         if allocation != "uniform":
@@ -180,12 +258,16 @@ def sparsify(
     if allocation == "uniform":
         statistics = None
     elif statistics is None:
-        statistics = _allocation_statistics(model, inputs, [allocation], progress)[allocation]
+        statistic_options = {"dlp_statistic": dlp_statistic, "owl_m": owl_m}
+        statistics = _allocation_statistics(model, inputs, [allocation], progress, **statistic_options)[allocation]
     elif len(statistics) != num_layers:
         raise InputError(f"{len(statistics)} layer statistics given for a model with {num_layers} layers")
     result = SparsityResult(allocate(allocation, statistics or [0.0] * num_layers, sparsity, alpha), statistics)
     targets = _targets(result, pattern, allocation)
-    options = {"blocksize": blocksize, "percdamp": percdamp} if method == "sparsegpt" else {}
+    if method == "sparsegpt":
+        options = {"blocksize": blocksize, "percdamp": percdamp, "mask_rule": mask_rule}
+    else:
+        options = {"magnitude_scope": magnitude_scope}
     _prune_layers(model, inputs if method != "magnitude" else None, method, targets, result.masks, progress, options)
     model.train(was_training)
     return result

@@ -3,16 +3,43 @@
 Columns are processed left to right in blocks of ``blocksize`` (lazy batch updates). Inside
 a block the mask is chosen from ``w² / [U]_jj²`` (U = upper Cholesky factor of H⁻¹, 003
 Eq. 2), then each pruned weight's error is spread over the not-yet-processed columns of its
-row. Unstructured masks give every row its exact count: the row's count is split over the
-blocks by cumulative rounding and each block takes the row's lowest scores (top-k, never
-thresholds). N:M masks are chosen per group of ``m`` columns as in the original.
+row. Unstructured masks follow one of two rules (``mask_rule``):
+
+- ``"block"`` (default, the reference implementation's rule): one threshold over the whole
+  block, all rows together — the block's lowest scores are pruned wherever they fall, so rows
+  may end up with different counts. Each block prunes its share of the matrix total (cumulative
+  rounding over columns), so the matrix total is exact; the reference instead prunes every score
+  ``<=`` the ``int(numel·p)``-th smallest, one weight (plus ties) more per block.
+- ``"row"``: every row gets its exact count (:func:`row_counts`), split over the blocks by
+  cumulative rounding; each block takes the row's lowest scores.
+
+N:M masks are chosen per group of ``m`` columns as in the original. :func:`reconstruction_error`
+measures the layer-wise objective ``‖ΔW X‖² / ‖W X‖²`` (003 Eq. 1) from the Hessian.
 """
 
 import torch
 
-from lightning_prune.sparsity.masks import NMPattern, nm_keep_mask, topk_keep_mask
+from lightning_prune.errors import InputError
+from lightning_prune.sparsity.masks import NMPattern, flat_keep_mask, nm_keep_mask, topk_keep_mask
 
-__all__ = ["inverse_hessian_factor", "sparsegpt_prune"]
+__all__ = [
+    "MASK_RULES",
+    "check_mask_rule",
+    "inverse_hessian_factor",
+    "reconstruction_error",
+    "sparsegpt_prune",
+]
+
+MASK_RULES = ("block", "row")
+
+
+def check_mask_rule(mask_rule: str) -> None:
+    """Raise :class:`InputError` unless ``mask_rule`` is one of :data:`MASK_RULES`."""
+    if mask_rule not in MASK_RULES:
+        raise InputError(
+            f"mask_rule={mask_rule!r} is not known; choose 'block' (one threshold per column block, "
+            "as the SparseGPT reference) or 'row' (exact count per row)"
+        )
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01, retries: int = 6) -> torch.Tensor:
@@ -38,10 +65,24 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01, retrie
 
 
 def _block_counts(counts: torch.Tensor, start: int, end: int, cols: int) -> torch.Tensor:
-    """Share of each row's prune count that falls in columns [start, end) (cumulative rounding)."""
+    """Share of each count that falls in columns [start, end) (cumulative rounding over columns)."""
     before = (counts * start * 2 + cols) // (2 * cols)
     upto = (counts * end * 2 + cols) // (2 * cols)
     return upto - before
+
+
+def _unstructured_block_mask(
+    scores: torch.Tensor, counts: torch.Tensor, start: int, end: int, cols: int, mask_rule: str
+) -> torch.Tensor:
+    """Keep mask of one block (rows × width) from its OBS scores ``w² / [U]_jj²``.
+
+    ``"block"``: the block's share of ``counts.sum()`` lowest scores over all rows together
+    (the reference's single threshold); ``"row"``: each row's share of its own count.
+    """
+    if mask_rule == "block":
+        total = counts.sum().reshape(1)
+        return flat_keep_mask(scores, int(_block_counts(total, start, end, cols)))
+    return topk_keep_mask(scores, _block_counts(counts, start, end, cols))
 
 
 def _prune_block(block: torch.Tensor, factor: torch.Tensor, keep: torch.Tensor, pattern: NMPattern | None):
@@ -71,20 +112,29 @@ def sparsegpt_prune(
     pattern: NMPattern | None = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    mask_rule: str = "block",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` (C_out, C_in) and update the kept weights to reconstruct ``W X``.
 
     Args:
         weight: the layer's weight (not modified).
         hessian: (C_in, C_in) H = 2XᵀX/n.
-        counts: (C_out,) weights to prune per row (unstructured); or
-        pattern: an N:M pattern.
+        counts: (C_out,) weights to prune per row (unstructured; the ``"block"`` rule uses only
+            their sum, the matrix total); or
+        pattern: an N:M pattern (``mask_rule`` is then irrelevant).
         blocksize: columns per lazy-update block (a multiple of ``pattern.m``).
         percdamp: dampening as a fraction of mean diag(H).
+        mask_rule: ``"block"`` (default): one threshold per column block over all rows, the
+            reference implementation's rule (SparseGPT §3, adaptive mask selection); ``"row"``:
+            exact per-row counts.
 
     Returns:
         (new weight in fp32, bool keep mask), both (C_out, C_in).
+
+    Raises:
+        InputError: for an unknown ``mask_rule``.
     """
+    check_mask_rule(mask_rule)
     rows, cols = weight.shape
     work = weight.detach().float().clone()
     factor = inverse_hessian_factor(hessian.to(work.device), percdamp)
@@ -94,8 +144,30 @@ def sparsegpt_prune(
         block, block_factor = work[:, start:end].clone(), factor[start:end, start:end]
         if pattern is None:
             scores = block.square() / torch.diagonal(block_factor).square()[None, :]
-            keep[:, start:end] = topk_keep_mask(scores, _block_counts(counts, start, end, cols))
+            keep[:, start:end] = _unstructured_block_mask(scores, counts, start, end, cols, mask_rule)
         pruned, errors = _prune_block(block, block_factor, keep[:, start:end], pattern)
         work[:, start:end] = pruned
         work[:, end:] -= errors @ factor[start:end, end:]
     return work * keep, keep
+
+
+@torch.no_grad()
+def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Relative layer-wise reconstruction error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``, ΔW = new − dense.
+
+    With H = 2XᵀX/n this is ``‖(W − Ŵ) X‖² / ‖W X‖²``, the objective of 003 Eq. 1 relative
+    to the dense output energy (0 = exact reconstruction, 1 = as bad as zeroing the layer).
+
+    Args:
+        weight: dense (C_out, C_in) weight.
+        new_weight: pruned (and possibly updated) weight, same shape.
+        hessian: (C_in, C_in) undamped H (any positive scale; it cancels).
+    """
+    dense = weight.detach().double()
+    hessian = hessian.detach().double().to(dense.device)
+    delta = new_weight.detach().double().to(dense.device) - dense
+    numerator = ((delta @ hessian) * delta).sum()
+    denominator = ((dense @ hessian) * dense).sum()
+    if denominator > 0:
+        return float(numerator / denominator)
+    return 0.0 if numerator == 0 else float("inf")
