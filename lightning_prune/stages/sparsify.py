@@ -16,6 +16,7 @@ from lightning_prune.errors import InputError
 from lightning_prune.sparsity.allocation import check_allocation
 from lightning_prune.sparsity.masks import apply_masks, measure_sparsity, prunable_linears
 from lightning_prune.sparsity.nm import check_mixed, check_widths, parse_pattern, resolve_sparsity
+from lightning_prune.sparsity import check_magnitude_scope, check_mask_rule
 from lightning_prune.sparsity.sequential import check_method, sparsify
 from lightning_prune.stages.base import Decision, Reduce, Stage, identity_reduce
 
@@ -30,9 +31,15 @@ class SparsifyStage(Stage):
         method: magnitude, wanda or sparsegpt.
         allocation: uniform, owl or dlp (003 Eq. 5-6).
         sparsity: fraction of weights to prune in [0, 1) (default 0.5; with structure: 1 - N/M).
-        alpha: DLP's alpha / OWL's lambda (default per allocation: dlp 0.15, owl 0.08).
+        alpha: DLP's alpha / OWL's lambda (default: dlp from 003 Table 19 by sparsity, owl 0.08, mixed N:M 0.6/M).
         structure: N:M pattern such as 2:4 (N kept of every M); mixed N:M with owl/dlp; empty: unstructured.
         batch_size: calibration blocks per forward pass.
+        mask_rule: SparseGPT's unstructured mask: block (the reference code: one threshold per 128-column
+            block, all rows together) or row (exact per-row counts).
+        magnitude_scope: magnitude pruning compares weights per row, or over the whole matrix
+            (matrix reproduces paper 003's Magnitude baseline).
+        dlp_statistic: DLP's per-layer statistic: median (paper 003 Eq. 5) or mean (the authors' code).
+        owl_m: OWL's outlier threshold multiplier M.
     """
 
     method: str = "wanda"
@@ -41,15 +48,22 @@ class SparsifyStage(Stage):
     alpha: float | None = None
     structure: str | None = None
     batch_size: int = 8
+    mask_rule: str = "block"
+    magnitude_scope: str = "row"
+    dlp_statistic: str = "median"
+    owl_m: float = 5.0
 
     name = "sparsify"
 
     def resolved(self) -> tuple:
         """(pattern, target sparsity, alpha) after defaults, validated."""
         check_method(self.method)
+        check_mask_rule(self.mask_rule)
+        check_magnitude_scope(self.magnitude_scope)
         pattern = parse_pattern(self.structure)
         target = resolve_sparsity(self.sparsity, pattern)
-        alpha = check_allocation(self.allocation, target, self.alpha)
+        alpha = check_allocation(self.allocation, target, self.alpha, pattern=pattern, dlp_statistic=self.dlp_statistic,
+                                 owl_m=self.owl_m)
         if pattern and self.allocation != "uniform":
             check_mixed(pattern)
         return pattern, target, alpha
@@ -71,7 +85,8 @@ class SparsifyStage(Stage):
         device = next(model.parameters()).device
         blocks = calibration.to(device) if calibration is not None else None
         result = sparsify(model, blocks, method=self.method, allocation=self.allocation, sparsity=target, alpha=alpha,
-                          pattern=pattern, batch_size=self.batch_size, progress=progress)
+                          pattern=pattern, batch_size=self.batch_size, progress=progress, mask_rule=self.mask_rule,
+                          magnitude_scope=self.magnitude_scope, dlp_statistic=self.dlp_statistic, owl_m=self.owl_m)
         record = {
             "settings": {**asdict(self), "sparsity": target, "alpha": alpha},
             "layer_sparsity": result.layer_sparsity, "layer_statistic": result.layer_statistic,
