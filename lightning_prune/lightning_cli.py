@@ -90,6 +90,7 @@ class PruneCLI(LightningCLI):
                          args=args, **kwargs)
 
     def init_parser(self, **kwargs) -> LightningArgumentParser:
+        kwargs.setdefault("allow_abbrev", False)  # a typo such as --prune.num_layer must not match --prune.num_layers
         parser = RecipeParser(**kwargs)
         parser.add_argument("-c", "--config", action=ActionConfigFile, help="A recipe: a YAML path or a shipped recipe name.")
         return parser
