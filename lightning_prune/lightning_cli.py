@@ -122,7 +122,9 @@ class PruneCLI(LightningCLI):
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 callback.dirpath = str(run_dir / "checkpoints")
         kwargs.update(callbacks=[self.stage_callback, *callbacks], default_root_dir=str(run_dir))
-        if trainer.get("logger") in (None, True):
+        if config["dry_run"]:
+            kwargs["logger"] = False  # a dry run writes nothing but decisions.json
+        elif trainer.get("logger") in (None, True):
             kwargs["logger"] = CSVLogger(save_dir=str(run_dir), name="", version="logs")
         return super().instantiate_trainer(**kwargs)
 

@@ -1,7 +1,8 @@
 """``SparsifyStage``: unstructured or N:M weight sparsity with uniform / OWL / DLP allocation (paper 003).
 
 The math lives in :mod:`lightning_prune.sparsity`; a :class:`SparsityDecision` holds the
-keep masks (bool, keyed ``layers.{i}.{role}``) and per-layer sparsities. During training it
+keep masks (bool, keyed ``layers.{i}.{role}``), per-layer sparsities and, for SparseGPT (whose OBS
+update also changes the kept weights), the pruned weights themselves. During training it
 keeps trainable masked weights at zero (gradients masked before the step, weights re-masked
 after it); frozen bases (LoRA, 4-bit QLoRA) are left alone since they cannot change, and the
 exported model gets the masks again after the adapters are merged into it.
@@ -92,7 +93,11 @@ class SparsifyStage(Stage):
             "layer_sparsity": result.layer_sparsity, "layer_statistic": result.layer_statistic,
             "layer_patterns": result.layer_patterns, "measured": measure_sparsity(model),
         }
-        return SparsityDecision(record, result.masks)
+        weights = {}
+        if self.method == "sparsegpt":  # SparseGPT also updates the kept weights (OBS): the masks alone do not replay it
+            linears = dict(prunable_linears(model))
+            weights = {name: linears[name].weight.detach().cpu().clone() for name in result.masks}
+        return SparsityDecision(record, result.masks, weights)
 
 
 class SparsityDecision(Decision):
@@ -100,8 +105,9 @@ class SparsityDecision(Decision):
 
     kind = "sparsify"
 
-    def __init__(self, record: dict, masks: dict[str, torch.Tensor]):
+    def __init__(self, record: dict, masks: dict[str, torch.Tensor], weights: dict[str, torch.Tensor] | None = None):
         self.record, self.masks = record, {name: mask.bool().cpu() for name, mask in masks.items()}
+        self.weights = dict(weights or {})
 
     def apply(self, model: nn.Module) -> None:
         linears = dict(prunable_linears(model))
@@ -111,6 +117,9 @@ class SparsityDecision(Decision):
         for name, mask in self.masks.items():
             if tuple(mask.shape) != tuple(linears[name].weight.shape):
                 raise InputError(f"sparsity mask {name!r} has shape {tuple(mask.shape)}, the model's weight {tuple(linears[name].weight.shape)}")
+        with torch.no_grad():
+            for name, weight in self.weights.items():
+                linears[name].weight.copy_(weight.to(linears[name].weight))
         apply_masks(model, self.masks)
 
     def _trainable_masks(self, model: nn.Module):
@@ -141,14 +150,16 @@ class SparsityDecision(Decision):
         return self.record
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f"mask.{name}": mask for name, mask in self.masks.items()}
+        return {**{f"mask.{name}": mask for name, mask in self.masks.items()},
+                **{f"weight.{name}": weight for name, weight in self.weights.items()}}
 
     @classmethod
     def from_json(cls, data: dict, tensors: dict[str, torch.Tensor]) -> "SparsityDecision":
         masks = {key[len("mask."):]: value for key, value in tensors.items() if key.startswith("mask.")}
+        weights = {key[len("weight."):]: value for key, value in tensors.items() if key.startswith("weight.")}
         if not masks:
             raise InputError("sparsity decision has no masks (decisions.safetensors missing or from another plan)")
-        return cls(data, masks)
+        return cls(data, masks, weights)
 
     def summary(self) -> str:
         settings = self.record["settings"]
