@@ -54,7 +54,8 @@ def child(mode: str, args) -> dict:
     from lightning_prune.modules.distillation import LayerwiseDistillation
 
     torch.manual_seed(0)
-    groups = json.loads(Path(args.decisions).read_text())["merge"]["groups"] if args.decisions else DEFAULT_GROUPS
+    plan = json.loads(Path(args.decisions).read_text()) if args.decisions else None
+    groups = next(d for d in plan["decisions"] if d["kind"] == "merge")["groups"] if plan else DEFAULT_GROUPS
     module = LayerwiseDistillation(model="demo", mode=mode, teacher_forced=mode == "mp")
     module.configure_model()
     rebuild_merged_architecture(module.model, groups)

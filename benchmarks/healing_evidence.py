@@ -22,11 +22,11 @@ import torch
 from report import ROOT, update_section
 
 from lightning_prune.commands.common import EvaluationData, split_names
-from lightning_prune.commands.demo import heal
 from lightning_prune.commands.prune import prune
 from lightning_prune.evaluation.harness import evaluate_tasks
 from lightning_prune.model.loading import load_model
-from lightning_prune.modules.healing import quantize_model
+from lightning_prune.lora import quantize_model
+from lightning_prune.stages import PruneStage
 from lightning_prune.results import model_summary, package_versions
 
 ORDER = ["dense", "dense + LoRA", "BI-pruned", "BI + LoRA", "BI NF4 base (no healing)", "BI + QLoRA", "random-pruned", "random + LoRA"]
@@ -141,16 +141,34 @@ def pruned_dir(args, metric: str, selection: str, name: str) -> Path:
     out = Path(args.runs_dir) / name
     if args.reuse and (out / "decisions.json").exists():
         return out
-    prune(model="demo", num_layers=args.num_layers, metric=metric, selection=selection, compensation="magnitude",
-          calibration_samples=args.calibration_samples, seed=0, seq_len=args.seq_len, num_samples=1, output_dir=str(out), overwrite=True)
+    stage = PruneStage(num_layers=args.num_layers, metric=metric, selection=selection, compensation="magnitude", seed=0)
+    prune(stage, model="demo", calibration_samples=args.calibration_samples, seed=0, seq_len=args.seq_len, num_samples=1,
+          output_dir=str(out), overwrite=True)
     return out
+
+
+def heal(model_dir: str, *, steps: int, seq_len: int, batch_size: int, learning_rate: float, seed: int, quantize: str | None):
+    """A LoRA (or QLoRA) healing fit of ``steps`` optimizer steps on WikiText-2 valid; returns the fitted module."""
+    import lightning as L
+
+    from lightning_prune.data.datamodule import TextDataModule
+    from lightning_prune.modules.healing import HealingModule
+
+    L.seed_everything(seed, verbose=False)
+    module = HealingModule(model=model_dir, learning_rate=learning_rate, warmup_steps=max(1, steps // 10), quantize=quantize)
+    data = TextDataModule(tokenizer=model_dir, seq_len=seq_len, num_train_samples=steps * batch_size, batch_size=batch_size, seed=seed)
+    trainer = L.Trainer(accelerator="auto", devices=1, max_steps=steps, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=data)
+    return module
 
 
 def add_pruned(evidence: Evidence, name: str, path: Path) -> None:
     if evidence.has(name):
         return
-    decisions = json.loads((path / "decisions.json").read_text())
-    evidence.add(name, load_model(str(path / "model"))[0], removed_layers=decisions["removed_layers"])
+    plan = json.loads((path / "decisions.json").read_text())
+    removed = next(d for d in plan["decisions"] if d["kind"] == "prune")["removed_layers"]
+    evidence.add(name, load_model(str(path / "model"))[0], removed_layers=removed)
 
 
 def heal_row(evidence: Evidence, args, name: str, model, quantize: str | None) -> None:
@@ -158,8 +176,7 @@ def heal_row(evidence: Evidence, args, name: str, model, quantize: str | None) -
     if evidence.has(name):
         return
     start = time.perf_counter()
-    module = heal(str(model), output_dir=Path(args.runs_dir) / name.replace(" + ", "_").replace("-", "_"), steps=args.heal_steps,
-                  seq_len=args.seq_len, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=0, quantize=quantize)
+    module = heal(str(model), steps=args.heal_steps, seq_len=args.seq_len, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=0, quantize=quantize)
     seconds = round(time.perf_counter() - start, 1)
     evidence.add(name, module.export_model(), heal_tokens=args.heal_steps * args.batch_size * args.seq_len, heal_seconds=seconds)
 

@@ -16,7 +16,6 @@ import copy
 import json
 import time
 
-import torch
 from report import ROOT, remove_section, update_section
 
 from lightning_prune.data.text import load_blocks

@@ -18,7 +18,6 @@ import json
 import time
 
 import torch
-
 from report import ROOT, topic_doc, write_topic
 
 from lightning_prune.data.text import load_blocks

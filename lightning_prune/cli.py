@@ -87,7 +87,6 @@ def lightning_main(args: list[str] | None = None) -> None:
     """Run the LightningCLI (``fit``/``validate``/``test``) with our modules and callbacks."""
     from lightning_prune.callbacks.stage import PlanOnly
     from lightning_prune.lightning_cli import PruneCLI
-
     from lightning_prune.recipes import resolve_config_args
 
     # the console script passes its own argv on as args (after resolving recipe names)

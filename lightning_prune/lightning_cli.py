@@ -20,8 +20,8 @@ architecture before Lightning loads its weights.
 import difflib
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from jsonargparse import ActionConfigFile
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 

@@ -18,13 +18,13 @@ from lightning_prune.model.anatomy import Anatomy
 from lightning_prune.model.surgery import validate_layer_indices
 from lightning_prune.selection import (
     Step,
-    score_dict,
     check_selection,
     contiguous_block,
     iterative,
     one_shot,
     protected_positions,
     removal_count,
+    score_dict,
 )
 
 __all__ = ["resolve_protection", "prune_layers"]

@@ -3,10 +3,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
+from conftest import assert_one_line_error, read_decision, run_cli
 from transformers import GPT2Config, GPT2LMHeadModel
-
-from conftest import assert_one_line_error, run_cli, read_decision
 
 
 def test_evaluate_writes_metrics(capsys, tiny_dir, tmp_path):

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import make_tiny_model, random_ids
+
 from lightning_prune.errors import InputError
 from lightning_prune.merging.distill import DISTILLATION_LOSSES, distillation_loss, hidden_kl, layer_outputs
 from lightning_prune.model.anatomy import Anatomy
@@ -60,7 +60,10 @@ def test_kl_raw_is_the_papers_hidden_kl():
 
 def test_mse_norm_and_kl_norm_match_their_definitions():
     target, prediction = torch.randn(2, 5, DIM), torch.randn(2, 5, DIM)
-    unit = lambda h: h / h.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+
+    def unit(h):
+        return h / h.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+
     torch.testing.assert_close(distillation_loss("mse_norm", target, prediction), (unit(target) - unit(prediction)).pow(2).mean())
     norm = final_norm()
     with torch.no_grad():
@@ -101,7 +104,10 @@ def test_kl_raw_gradient_goes_to_the_massive_dimension_and_starves_the_rest():
     gradient = prediction_gradient("kl_raw", target)
     assert top_dimension_share(gradient, target) > 0.9
     without_massive = massive_state(massive=0.01)
-    rest = lambda g: torch.cat([g[..., :MASSIVE], g[..., MASSIVE + 1 :]], dim=-1).norm()
+
+    def rest(g):
+        return torch.cat([g[..., :MASSIVE], g[..., MASSIVE + 1 :]], dim=-1).norm()
+
     assert float(rest(gradient)) < 0.01 * float(rest(prediction_gradient("kl_raw", without_massive)))
 
 

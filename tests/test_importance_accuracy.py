@@ -39,7 +39,7 @@ def self_labelled_items(model, tokenizer, count: int = 6):
     """The first ARC-Easy items with gold set to the full model's acc_norm pick."""
     encoded = encode_items(tokenizer, load_task("arc_easy", limit=count))
     picks = []
-    for b, item in enumerate(encoded):
+    for item in encoded:
         for gold in range(len(item.continuations)):
             candidate = accuracy_data([dataclasses.replace(item, gold=gold)], 1)
             with torch.no_grad():

@@ -162,7 +162,7 @@ def test_sequential_equals_naive_full_forward_reference():
     sparsify(fast, ids, method="wanda", sparsity=0.5, progress=False)
     naive = make_tiny_model("llama")
     anatomy = Anatomy(naive)
-    for position, layer in enumerate(anatomy.layers):
+    for layer in anatomy.layers:
         linears = anatomy.linears(layer)
         with collect_statistics(linears, hessian=False) as stats, torch.no_grad():
             naive(input_ids=ids)

@@ -7,8 +7,8 @@ import torch
 from lightning_prune.commands.common import check_seq_len, data_location, load_checked_model, run_record
 from lightning_prune.data.tasks import encode_items, is_task, load_task, task_text
 from lightning_prune.data.text import data_key, load_blocks, token_blocks, tokenize_text
-from lightning_prune.evaluation.plots import score_bars
 from lightning_prune.errors import InputError
+from lightning_prune.evaluation.plots import score_bars
 from lightning_prune.importance import ScoringOptions, metric_name, score_layers
 from lightning_prune.model.loading import load_config
 from lightning_prune.results import RunDirectory

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from lightning_prune.errors import InputError
+from lightning_prune.sparsity import check_magnitude_scope, check_mask_rule
 from lightning_prune.sparsity.allocation import check_allocation
 from lightning_prune.sparsity.masks import apply_masks, measure_sparsity, prunable_linears
 from lightning_prune.sparsity.nm import check_mixed, check_widths, parse_pattern, resolve_sparsity
-from lightning_prune.sparsity import check_magnitude_scope, check_mask_rule
 from lightning_prune.sparsity.sequential import check_method, sparsify
 from lightning_prune.stages.base import Decision, Reduce, Stage, identity_reduce
 
