@@ -6,7 +6,7 @@ PIP = $(VENV)/bin/python -m pip
 STAMP = $(VENV)/.lightning-prune-installed
 DEMO_ARGS ?=
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo lint format test test-fast clean
 
 install: $(STAMP)
 
@@ -20,6 +20,14 @@ $(STAMP): pyproject.toml Makefile
 
 demo: install
 	$(VENV)/bin/lightning-prune demo $(DEMO_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 test: install
 	$(VENV)/bin/python -m pytest -q tests
