@@ -38,6 +38,7 @@ from lightning_prune.stages import (
     Decision,
     Stage,
     apply_decisions,
+    check_fingerprint,
     check_stages,
     checkpoint_decisions,
     checkpoint_entry,
@@ -105,9 +106,12 @@ class StageCallback(L.Callback):
             pl_module.receive_decisions(self.decisions)
 
     def _restore(self, path, model: torch.nn.Module) -> list[Decision]:
-        decisions = checkpoint_decisions(read_checkpoint(path), where=f"checkpoint {str(path)!r}")
+        checkpoint = read_checkpoint(path)
+        decisions = checkpoint_decisions(checkpoint, where=f"checkpoint {str(path)!r}")
         if decisions is None:
             raise InputError(f"checkpoint {str(path)!r} holds no stage decisions; it was not written by a lightning-prune recipe")
+        stored = checkpoint[CHECKPOINT_KEY]["plan"].get("model") or {}
+        check_fingerprint(stored.get("fingerprint") or {}, model.config, f"checkpoint {str(path)!r}")
         apply_decisions(model, decisions)
         return decisions
 

@@ -9,11 +9,12 @@ stderr and exit code 2.
 
 import inspect
 import json
+import typing
 import logging
 import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 
 from jsonargparse import ArgumentParser
 
@@ -45,31 +46,35 @@ def _summary(function: Callable) -> str:
     return (function.__doc__ or "").strip().splitlines()[0]
 
 
+def _groups(function: Callable) -> dict[str, type]:
+    """Parameters of ``function`` typed with a dataclass: their fields become the command's flags."""
+    hints = typing.get_type_hints(function)
+    return {name: hints[name] for name in inspect.signature(function).parameters if is_dataclass(hints.get(name))}
+
+
 def build_parser(commands: dict[str, Callable]) -> ArgumentParser:
-    """Parser with one subcommand per function; options come from each signature."""
+    """Parser with one subcommand per function; options come from each signature (dataclass parameters flattened)."""
     parser = _OneLineParser(prog=PROG, description=__doc__.strip().splitlines()[0])
     subcommands = parser.add_subcommands(dest="command")
     for name, function in commands.items():
         sub = _OneLineParser(prog=f"{PROG} {name}", description=_summary(function))
-        stage_class = getattr(function, "stage_class", None)
-        sub.add_function_arguments(function, as_group=False, skip={"stage"} if stage_class else None)
-        if stage_class:
-            shared = set(inspect.signature(function).parameters)
-            sub.add_class_arguments(stage_class, None, as_group=False, skip=shared & {f.name for f in fields(stage_class)},
-                                    instantiate=False)
+        groups = _groups(function)
+        sub.add_function_arguments(function, as_group=False, skip=set(groups))
+        added = set(inspect.signature(function).parameters) - set(groups)
+        for group in groups.values():
+            own = {f.name for f in fields(group)}
+            sub.add_class_arguments(group, None, as_group=False, skip=own & added, instantiate=False)
+            added |= own
         subcommands.add_subcommand(name, sub, help=_summary(function))
     return parser
 
 
 def _call(function: Callable, options: dict):
-    """Call a command; a staged command gets its stage built from the stage's flags (shared ones go to both)."""
-    stage_class = getattr(function, "stage_class", None)
-    if stage_class is None:
-        return function(**options)
-    names = {f.name for f in fields(stage_class)}
-    parameters = set(inspect.signature(function).parameters)
-    stage = stage_class(**{key: value for key, value in options.items() if key in names})
-    return function(stage, **{key: value for key, value in options.items() if key in parameters})
+    """Call a command; each dataclass parameter is built from its fields (a field two groups share goes to both)."""
+    groups = _groups(function)
+    plain = {key: value for key, value in options.items() if key in inspect.signature(function).parameters}
+    built = {name: group(**{f.name: options[f.name] for f in fields(group) if f.name in options}) for name, group in groups.items()}
+    return function(**plain, **built)
 
 
 def _in_chain(error: BaseException, kind: type) -> BaseException | None:

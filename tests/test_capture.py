@@ -1,6 +1,6 @@
 import torch
-
 from conftest import make_tiny_model, random_ids
+
 from lightning_prune.capture import capture, capture_layer_inputs, replay_logits, run_layers
 from lightning_prune.model import Anatomy
 

@@ -86,8 +86,8 @@ def test_train_loader_gives_each_rank_its_share_unless_told_not_to(tiny_dir, mon
     orders = []
     for rank in (0, 1):
         monkeypatch.setattr(L.Trainer, "global_rank", property(lambda self, rank=rank: rank))
-        data = TextDataModule(tokenizer=str(tiny_dir), seq_len=16, num_train_samples=8, batch_size=2, seed=3)
-        data.trainer = L.Trainer(accelerator="cpu", devices=1, use_distributed_sampler=shard, logger=False)
+        data = TextDataModule(tokenizer=str(tiny_dir), seq_len=16, num_train_samples=8, batch_size=2, seed=3, shard=shard)
+        data.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)
         data.setup("fit")
         orders.append([tuple(block.tolist()) for batch in data.train_dataloader() for block in batch])
     every_block = {tuple(block.tolist()) for block in data.train_blocks}

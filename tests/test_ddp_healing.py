@@ -3,25 +3,32 @@
 The test runs this file as a script (``devices`` 1 and 2); Lightning's DDP launcher starts
 the second rank by re-running the same command line. Four training blocks form one global
 batch (4 blocks on one process, 2 + 2 on two ranks), so every step of both runs averages the
-gradient over the same 4 blocks.
+gradient over the same 4 blocks. A second test runs two ranks with the StageCallback's
+evaluation on (rank 0 measures, the others wait), which must finish rather than deadlock.
 """
 
+import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 HERE = Path(__file__).resolve()
 STEPS = 3
 
 
-def train(model_dir: str, devices: int, output: str) -> None:
+def train(model_dir: str, devices: int, output: str, evaluate: bool = False) -> None:
     import lightning as L
 
-    from lightning_prune.callbacks.pruning import LayerPruningCallback
+    from lightning_prune.callbacks import StageCallback
     from lightning_prune.data.datamodule import TextDataModule
+    from lightning_prune.evaluation.suite import EvaluationSuite
     from lightning_prune.modules.healing import HealingModule
+    from lightning_prune.stages import PruneStage
 
     class Record(L.Callback):
         losses: list[float] = []
@@ -31,23 +38,36 @@ def train(model_dir: str, devices: int, output: str) -> None:
 
     torch.set_num_threads(1)
     L.seed_everything(0)
-    pruning = LayerPruningCallback(metric="block_influence", selection="iterative", num_layers=2, compensation="magnitude")
+    evaluation = EvaluationSuite(data="wikitext2", seq_len=32, num_samples=2) if evaluate else None
+    stages = StageCallback([PruneStage(metric="block_influence", selection="iterative", num_layers=2, compensation="magnitude")],
+                           evaluation=evaluation, run_dir=str(Path(output) / "run"))
     module = HealingModule(model=model_dir, lora_dropout=0.0, learning_rate=1e-2, warmup_steps=0)
     data = TextDataModule(tokenizer=model_dir, seq_len=32, num_train_samples=4, calibration_samples=4, batch_size=4 // devices)
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=STEPS,
-        callbacks=[pruning, Record()], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=[stages, Record()], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=output,
     )
     trainer.fit(module, datamodule=data)
-    torch.save({"removed": pruning.decision["removed_layers"], "losses": Record.losses,
+    torch.save({"removed": stages.decisions[0].removed_layers, "losses": Record.losses,
                 "state": {k: v.detach().clone() for k, v in module.model.state_dict().items()}},
                Path(output) / f"rank{trainer.global_rank}.pt")
 
 
-def run(model_dir: Path, devices: int, output: Path) -> list[dict]:
+def run(model_dir: Path, devices: int, output: Path, evaluate: bool = False, timeout: int = 300) -> list[dict]:
     output.mkdir()
-    subprocess.run([sys.executable, str(HERE), str(model_dir), str(devices), str(output)], check=True, timeout=300, capture_output=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(HERE), str(model_dir), str(devices), str(output), "eval" if evaluate else "plain"]
+    # its own process group, so a timeout also ends the rank Lightning's launcher started
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a rank waiting forever on another fails the test instead of hanging
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        pytest.fail(f"{devices}-process run did not finish in {timeout} s:\n{stderr[-3000:]}")
+    assert process.returncode == 0, stderr[-3000:]
     return [torch.load(output / f"rank{rank}.pt") for rank in range(devices)]
 
 
@@ -66,7 +86,25 @@ def test_ddp_prunes_alike_and_trains_like_one_process(tiny_dir, tmp_path):
     global_losses = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]
     torch.testing.assert_close(torch.tensor(global_losses), torch.tensor(single["losses"]), rtol=1e-4, atol=1e-5)
     assert single["losses"][-1] < single["losses"][0]
+    for directory in ("one", "two"):  # rank 0 saved the merged model and the adapter
+        run_dir = tmp_path / directory / "run"
+        assert json.loads((run_dir / "model" / "config.json").read_text())["num_hidden_layers"] == 4
+        assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_ddp_with_evaluation_finishes_and_measures_every_stage(tiny_dir, tmp_path):
+    ranks = run(tiny_dir, 2, tmp_path / "two", evaluate=True, timeout=240)
+    assert ranks[0]["removed"] == ranks[1]["removed"] and len(ranks[0]["removed"]) == 2
+    for key, value in ranks[0]["state"].items():
+        torch.testing.assert_close(ranks[1]["state"][key], value, rtol=0, atol=0, msg=key)
+    metrics = json.loads((tmp_path / "two" / "run" / "metrics.json").read_text())
+    assert {"dense", "after prune", "after training"} <= set(metrics)
+    assert metrics["dense"]["num_layers"] == 6
+    assert metrics["after prune"]["num_layers"] == metrics["after training"]["num_layers"] == 4
+    for label in ("dense", "after prune", "after training"):
+        assert set(metrics[label]["perplexity"]) == {"wikitext2"} and metrics[label]["perplexity"]["wikitext2"] > 1
+    assert metrics["after training"]["perplexity"] != metrics["after prune"]["perplexity"]  # measured after healing
 
 
 if __name__ == "__main__":
-    train(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    train(sys.argv[1], int(sys.argv[2]), sys.argv[3], evaluate=len(sys.argv) > 4 and sys.argv[4] == "eval")

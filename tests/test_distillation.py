@@ -1,4 +1,4 @@
-"""LayerwiseDistillation (CoMe-sp / CoMe-mp) and LayerMergingCallback on a tiny Llama."""
+"""LayerwiseDistillation (CoMe-sp / CoMe-mp) after a MergeStage run by StageCallback, on a tiny Llama."""
 
 import json
 
@@ -6,13 +6,14 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import make_tiny_model, random_ids
-from lightning_prune.callbacks.merging import LayerMergingCallback
+from conftest import make_tiny_model, random_ids, read_decision
+from lightning_prune.callbacks import StageCallback
 from lightning_prune.data.datamodule import TextDataModule
 from lightning_prune.errors import InputError
 from lightning_prune.merging.distill import BoundaryCache, distillation_loss, hidden_kl, layer_outputs
 from lightning_prune.model.anatomy import Anatomy
 from lightning_prune.modules.distillation import LayerwiseDistillation
+from lightning_prune.stages import MergeDecision, MergeStage, checkpoint_decisions
 
 
 def trainer(tmp_path, **options):
@@ -60,9 +61,14 @@ def test_boundary_cache_spills_to_disk_and_computes_once(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
 
 
+def merging(run_dir, num_layers=3, **options) -> StageCallback:
+    """StageCallback with one MergeStage; its run directory is ``run_dir``."""
+    return StageCallback([MergeStage(num_layers=num_layers, **options)], run_dir=str(run_dir))
+
+
 def fit_merged(tiny_dir, tmp_path, num_layers=3, **module_options):
     module = LayerwiseDistillation(model=str(tiny_dir), **module_options)
-    callback = LayerMergingCallback(num_layers=num_layers, output_dir=str(tmp_path / "run"))
+    callback = merging(tmp_path / "run", num_layers)
     run = trainer(tmp_path, max_epochs=1, callbacks=[callback])
     module.configure_model()
     original = {k: v.clone() for k, v in module.model.state_dict().items()}
@@ -85,15 +91,20 @@ def test_fit_trains_only_merged_layers(tiny_dir, tmp_path, options):
     trainable = [p for p in module.parameters() if p.requires_grad]
     assert sum(p.numel() for p in trainable) == merged_parameter_count(module) > 0
     assert all(torch.equal(a, b) for a, b in zip(module.teacher.state_dict().values(), teacher.model.state_dict().values()))
-    groups = callback.record.groups
+    (decision,) = callback.decisions
+    assert isinstance(decision, MergeDecision)
+    groups = decision.groups
+    assert module.groups == groups and len(groups) == 3  # handed to the module by receive_decisions
     layers, original_layers = Anatomy(module.model).layers, Anatomy(teacher.model).layers
     for index, group in enumerate(groups):
         if len(group) == 1:  # unmerged layers are the original ones, untouched
             for a, b in zip(layers[index].parameters(), original_layers[group[0]].parameters()):
                 assert torch.equal(a, b)
-    decisions = json.loads((tmp_path / "run" / "decisions.json").read_text())
-    assert decisions["merge"]["groups"] == groups
-    assert decisions["merge"]["mapping"][0]["teacher_last"] == max(groups[module.mapping[0].student])
+    stored = read_decision(tmp_path / "run", "merge")
+    assert stored["groups"] == groups
+    assert stored["mapping"][0]["teacher_last"] == max(groups[module.mapping[0].student])
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert saved["num_hidden_layers"] == 3  # the distilled student, not the teacher
     if options["mode"] == "mp":
         assert run.current_epoch == len(module.mapping)  # one epoch per merged layer
     if options.get("teacher_forced"):
@@ -102,7 +113,7 @@ def test_fit_trains_only_merged_layers(tiny_dir, tmp_path, options):
 
 def test_merged_layers_move_and_loss_falls_in_sp(tiny_dir, tmp_path):
     module = LayerwiseDistillation(model=str(tiny_dir), mode="sp", learning_rate=1e-2)
-    callback = LayerMergingCallback(num_layers=4, output_dir=str(tmp_path / "run"))
+    callback = merging(tmp_path / "run", 4)
     datamodule = data(tiny_dir)
     trainer(tmp_path, max_epochs=1, callbacks=[callback], limit_train_batches=0).fit(module, datamodule=datamodule)
     batch = datamodule.train_blocks[:4]
@@ -120,7 +131,7 @@ def test_merged_layers_move_and_loss_falls_in_sp(tiny_dir, tmp_path):
 def test_sp_loss_sums_the_configured_loss_over_the_mapping(tiny_dir, tmp_path, loss):
     options = {} if loss == "mse_norm" else {"loss": loss}  # mse_norm is the default
     module = LayerwiseDistillation(model=str(tiny_dir), mode="sp", **options)
-    callback = LayerMergingCallback(num_layers=4, output_dir=str(tmp_path / "run"))
+    callback = merging(tmp_path / "run", 4)
     datamodule = data(tiny_dir)
     trainer(tmp_path, max_epochs=1, callbacks=[callback], limit_train_batches=0).fit(module, datamodule=datamodule)
     batch = datamodule.train_blocks[:4]
@@ -135,10 +146,10 @@ def test_sp_loss_sums_the_configured_loss_over_the_mapping(tiny_dir, tmp_path, l
 
 def test_short_learning_rate_list_names_how_many(tiny_dir, tmp_path):
     module = LayerwiseDistillation(model=str(tiny_dir), mode="mp", learning_rates=[1e-4])
-    callback = LayerMergingCallback(num_layers=3, remerge=False, output_dir=str(tmp_path / "run"))
+    callback = merging(tmp_path / "run", 3, remerge=False)
     with pytest.raises(InputError, match="learning_rates has 1 entries but the merge produced 3 merged layers; give at least 3"):
         trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(module, datamodule=data(tiny_dir))
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run" / "model").exists()  # refused before any training
 
 
 @pytest.mark.parametrize(("options", "message"), [(dict(mode="xp"), "choose one of sp, mp"),
@@ -151,28 +162,43 @@ def test_bad_module_options(options, message):
 
 def test_resume_rebuilds_merged_architecture(tiny_dir, tmp_path):
     module = LayerwiseDistillation(model=str(tiny_dir), mode="sp", learning_rate=1e-3)
-    callback = LayerMergingCallback(num_layers=4, output_dir=str(tmp_path / "run"))
+    callback = merging(tmp_path / "run", 4)
     run = trainer(tmp_path, max_epochs=1, callbacks=[callback])
     run.fit(module, datamodule=data(tiny_dir))
+    groups = callback.decisions[0].groups
     path = tmp_path / "first.ckpt"
     run.save_checkpoint(path)
-    checkpoint = torch.load(path, weights_only=False)
-    assert checkpoint["merge_groups"] == callback.record.groups
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint_decisions(checkpoint)[0].groups == groups
+    assert "merge_groups" not in checkpoint  # the merge lives in checkpoint["decisions"] only
     assert not any(key.startswith("teacher.") for key in checkpoint["state_dict"])
 
     resumed = LayerwiseDistillation(model=str(tiny_dir), mode="sp", learning_rate=0.0)
-    resumed_callback = LayerMergingCallback(num_layers=4, output_dir=str(tmp_path / "resumed"))
+    resumed_callback = StageCallback([MergeStage(num_layers=4)], run_dir=str(tmp_path / "resumed"), resume_from=str(path))
     run = trainer(tmp_path, max_epochs=1, callbacks=[resumed_callback], limit_train_batches=0)
     run.fit(resumed, datamodule=data(tiny_dir), ckpt_path=str(path))
-    assert resumed_callback.record is None and resumed.groups == callback.record.groups
-    assert not (tmp_path / "resumed").exists()
+    assert resumed_callback.decisions[0].groups == groups and resumed.groups == groups
+    assert not (tmp_path / "resumed" / "decisions.json").exists()  # rebuilt from the checkpoint, not planned again
     for (key, a), b in zip(resumed.model.state_dict().items(), module.model.state_dict().values()):
         assert torch.equal(a, b), key
 
-    checkpoint["merge_groups"] = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    checkpoint["decisions"]["plan"]["decisions"][0]["groups"] = [[0, 1], [2, 3], [4, 5], [6, 7]]
     torch.save(checkpoint, tmp_path / "bad.ckpt")
     bad = LayerwiseDistillation(model=str(tiny_dir), mode="sp")
+    bad_callback = StageCallback([MergeStage(num_layers=4)], run_dir=str(tmp_path / "bad"), resume_from=str(tmp_path / "bad.ckpt"))
     with pytest.raises(InputError, match="8-layer original model, but the model has 6 layers"):
-        trainer(tmp_path, max_epochs=1, callbacks=[LayerMergingCallback(num_layers=4, output_dir=str(tmp_path / "bad"))]).fit(
-            bad, datamodule=data(tiny_dir), ckpt_path=str(tmp_path / "bad.ckpt"))
+        trainer(tmp_path, max_epochs=1, callbacks=[bad_callback]).fit(bad, datamodule=data(tiny_dir),
+                                                                     ckpt_path=str(tmp_path / "bad.ckpt"))
     assert not (tmp_path / "bad").exists()
+
+
+def test_resume_without_resume_from_is_refused(tiny_dir, tmp_path):
+    module = LayerwiseDistillation(model=str(tiny_dir), mode="sp", learning_rate=1e-3)
+    run = trainer(tmp_path, max_epochs=1, callbacks=[merging(tmp_path / "run", 4)], limit_train_batches=1)
+    run.fit(module, datamodule=data(tiny_dir))
+    path = tmp_path / "first.ckpt"
+    run.save_checkpoint(path)
+    other = LayerwiseDistillation(model=str(tiny_dir), mode="sp")
+    with pytest.raises(InputError, match="resume through StageCallback"):
+        trainer(tmp_path, max_epochs=1, callbacks=[merging(tmp_path / "other", 2)]).fit(
+            other, datamodule=data(tiny_dir), ckpt_path=str(path))

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 HERE = Path(__file__).resolve()
 
@@ -17,9 +18,10 @@ def train(model_dir: str, devices: int, output: str) -> None:
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from lightning_prune.callbacks.merging import LayerMergingCallback
+    from lightning_prune.callbacks import StageCallback
     from lightning_prune.data.datamodule import TextDataModule
     from lightning_prune.modules.distillation import LayerwiseDistillation
+    from lightning_prune.stages import MergeStage
 
     class OrderedData(TextDataModule):
         """The same batch order in every epoch, so layer k sees the same data whichever epoch trains it."""
@@ -35,10 +37,11 @@ def train(model_dir: str, devices: int, output: str) -> None:
     torch.set_num_threads(1)
     L.seed_everything(0)
     module = LayerwiseDistillation(model=model_dir, mode="mp", teacher_forced=True, learning_rates=[1e-2, 5e-3, 2e-3])
-    data = OrderedData(tokenizer=model_dir, seq_len=16, num_train_samples=8, calibration_samples=4, batch_size=4)
+    data = OrderedData(tokenizer=model_dir, seq_len=16, num_train_samples=8, calibration_samples=4, batch_size=4, shard=False)
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", use_distributed_sampler=False,
-        callbacks=[LayerMergingCallback(num_layers=3, remerge=False, output_dir=output), snapshot], logger=False,
+        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+        use_distributed_sampler=False,  # this test's own sequential loader must not be sharded by Lightning
+        callbacks=[StageCallback([MergeStage(num_layers=3, remerge=False)], run_dir=output), snapshot], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         limit_val_batches=0,
     )
@@ -50,8 +53,9 @@ def train(model_dir: str, devices: int, output: str) -> None:
 
 def run(model_dir: Path, devices: int, output: Path) -> list[dict]:
     output.mkdir()
-    subprocess.run([sys.executable, str(HERE), str(model_dir), str(devices), str(output)], check=True, timeout=300,
-                   capture_output=True)
+    result = subprocess.run([sys.executable, str(HERE), str(model_dir), str(devices), str(output)], timeout=300,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
     return [torch.load(output / f"student-rank{rank}.pt") for rank in range(devices)]
 
 
@@ -64,6 +68,13 @@ def test_ddp_teacher_forced_mp_equals_sequential(tiny_dir, tmp_path):
     for rank in ranks:
         for key, value in sequential["state"].items():
             torch.testing.assert_close(rank["state"][key], value, rtol=0, atol=0, msg=key)
+    # the saved student (rank 0 writes run_dir/model) holds every merged layer, including those trained on rank 1
+    for directory in ("one", "two"):
+        saved = load_file(tmp_path / directory / "model" / "model.safetensors")
+        for key, value in sequential["state"].items():
+            if key in saved:
+                torch.testing.assert_close(saved[key], value, rtol=0, atol=0, msg=f"{directory}: {key}")
+        assert {key for key in sequential["state"] if ".layers." in key} <= set(saved)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ from conftest import make_tiny_model, random_ids
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from lightning_prune.callbacks import StageCallback
 from lightning_prune.data.datamodule import TextDataModule
 from lightning_prune.errors import InputError
-from lightning_prune.modules.healing import PAPER_TARGETS, HealingModule, linear_module_names, merged_copy
+from lightning_prune.lora import PAPER_TARGETS, linear_module_names, merged_copy
+from lightning_prune.modules.healing import HealingModule
 
 # tiny llama: 6 layers, hidden 64, intermediate 128; r x (in + out) per adapted projection
 ADAPTER_PARAMETERS = 6 * 2 * ((64 + 128) + (64 + 128) + (128 + 64))
@@ -31,10 +33,13 @@ def randomize_adapters(module: HealingModule, seed: int = 1) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
 
 
-def fit(module, path, tmp_path, steps=3, **trainer_kwargs):
+def fit(module, path, tmp_path, steps=3, run_dir=None, **trainer_kwargs):
+    """Fit on tiny WikiText-2 blocks; with ``run_dir`` a StageCallback (no stages) saves model/ and adapter/ there."""
     data = TextDataModule(tokenizer=str(path), seq_len=32, num_train_samples=8, num_val_samples=4, batch_size=4)
+    callbacks = [StageCallback(run_dir=str(run_dir))] if run_dir is not None else []
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        num_sanity_val_steps=0, limit_val_batches=1, default_root_dir=tmp_path, **trainer_kwargs)
+                        num_sanity_val_steps=0, limit_val_batches=1, default_root_dir=tmp_path, callbacks=callbacks,
+                        **trainer_kwargs)
     trainer.fit(module, datamodule=data)
     return trainer
 
@@ -73,8 +78,8 @@ def test_merged_copy_equals_unmerged_adapters(tiny_dir):
 
 
 def test_fit_saves_plain_model_and_adapter(tiny_dir, tmp_path):
-    module = HealingModule(model=str(tiny_dir), learning_rate=1e-2, warmup_steps=0, save_dir=str(tmp_path / "run"))
-    fit(module, tiny_dir, tmp_path)
+    module = HealingModule(model=str(tiny_dir), learning_rate=1e-2, warmup_steps=0)
+    fit(module, tiny_dir, tmp_path, run_dir=tmp_path / "run")
     assert any(p.abs().sum() > 0 for n, p in module.model.named_parameters() if "lora_B" in n), "adapters did not train"
     ids = random_ids(2, 24)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
@@ -121,8 +126,8 @@ def test_qlora_trains_4bit_base_and_merges_into_dequantized_copy(tiny_dir, tmp_p
 
 
 def test_qlora_fit_end_to_end(tiny_dir, tmp_path):
-    module = HealingModule(model=str(tiny_dir), quantize="nf4", learning_rate=1e-2, warmup_steps=0, save_dir=str(tmp_path / "run"))
-    trainer = fit(module, tiny_dir, tmp_path, steps=2)
+    module = HealingModule(model=str(tiny_dir), quantize="nf4", learning_rate=1e-2, warmup_steps=0)
+    trainer = fit(module, tiny_dir, tmp_path, steps=2, run_dir=tmp_path / "run")
     assert trainer.callback_metrics["val_perplexity"] > 1
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

@@ -1,4 +1,4 @@
-"""The shipped healing recipes run end to end on a tiny model (sizes shrunk, stages unchanged)."""
+"""The shipped healing recipes run end to end on a tiny model through the CLI (sizes shrunk, stages unchanged)."""
 
 import csv
 import json
@@ -10,42 +10,63 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from lightning_prune.cli import main
+from lightning_prune.sparsity import measure_sparsity
 
-CONFIGS = Path(__file__).parents[1] / "configs"
-
-
-def tiny_recipe(name: str, model_dir: Path, out: Path) -> Path:
-    """configs/<name>.yaml with the tiny model, 2 layers removed, 2 steps and short blocks."""
-    config = yaml.safe_load((CONFIGS / name).read_text())
-    trainer, model, data = config["trainer"], config["model"]["init_args"], config["data"]["init_args"]
-    trainer.update(max_steps=2, accumulate_grad_batches=1, val_check_interval=2, limit_val_batches=1, default_root_dir=str(out),
-                   enable_progress_bar=False)
-    trainer["logger"]["init_args"]["save_dir"] = str(out)
-    pruning, evaluation, checkpoint = trainer["callbacks"]
-    pruning["init_args"]["num_layers"] = 2
-    evaluation["init_args"].update(seq_len=32, num_samples=2, tasks="arc_easy", limit=3)
-    checkpoint["init_args"]["dirpath"] = str(out / "checkpoints")
-    model.update(model=str(model_dir), save_dir=str(out), learning_rate=1e-2)
-    data.update(tokenizer=str(model_dir), seq_len=32, num_train_samples=8, num_val_samples=2, calibration_samples=4, batch_size=2)
-    path = out.parent / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+TINY = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.accumulate_grad_batches", "1",
+        "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+        "--data.init_args.seq_len", "32", "--data.init_args.num_train_samples", "8", "--data.init_args.num_val_samples", "2",
+        "--data.init_args.calibration_samples", "4", "--model.init_args.learning_rate", "1e-2",
+        "--evaluation.seq_len", "32", "--evaluation.num_samples", "2", "--evaluation.tasks", "arc_easy",
+        "--evaluation.limit", "3"]
+# recipe -> (its stage's metrics.json label, the stage's size flag, layers after the stage)
+RECIPES = {
+    "prune_heal": ("after prune", ["--prune.num_layers", "2"], 4),
+    "random_baseline": ("after prune", ["--prune.num_layers", "2"], 4),
+    "sparse_heal": ("after sparsify", [], 6),
+}
 
 
-@pytest.mark.parametrize("name", ["prune_heal.yaml", "random_baseline.yaml"])
-def test_recipe_prunes_heals_evaluates_and_saves(name, tiny_dir, tmp_path):
+def run_recipe(name: str, model_dir: Path, out: Path) -> dict:
+    stage_flags = RECIPES[name][1]
+    main(["fit", "--config", name, "--run_dir", str(out), "--model.init_args.model", str(model_dir), *stage_flags, *TINY])
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_recipe_changes_heals_evaluates_and_saves(name, tiny_dir, tmp_path):
     out = tmp_path / "run"
-    main(["fit", "--config", str(tiny_recipe(name, tiny_dir, out))])
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["before"]["num_layers"] == metrics["after"]["num_layers"] == 4
-    assert set(metrics["after"]["perplexity"]) == {"wikitext2", "c4"}
-    assert metrics["after"]["tasks"]["arc_easy"]["num_items"] == 3 and metrics["settings"]["harness"]["limit"] == 3
+    metrics = run_recipe(name, tiny_dir, out)
+    label, _, depth = RECIPES[name]
+    assert {"dense", label, "after training", "settings", "versions"} <= set(metrics)
+    assert metrics["dense"]["num_layers"] == 6
+    assert metrics[label]["num_layers"] == metrics["after training"]["num_layers"] == depth
+    for entry in ("dense", label, "after training"):
+        assert set(metrics[entry]["perplexity"]) == {"wikitext2", "c4"}
+        assert {"num_parameters", "num_bytes"} <= set(metrics[entry])
+        assert metrics[entry]["tasks"]["arc_easy"]["num_items"] == 3
+    assert metrics["after training"]["perplexity"] != metrics[label]["perplexity"]  # healing changed the model
+    if depth < 6:
+        assert metrics[label]["num_parameters"] < metrics["dense"]["num_parameters"]
+    assert metrics["settings"]["evaluation"]["limit"] == 3 and metrics["settings"]["evaluation"]["harness"]["limit"] == 3
+    assert [stage["name"] for stage in metrics["settings"]["stages"]] == [label.split()[-1]]
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["run_dir"] == str(out) and config["model"]["init_args"]["model"] == str(tiny_dir)
+    assert config["stages"] == [label.split()[-1]]
+    decisions = json.loads((out / "decisions.json").read_text())
+    assert [entry["kind"] for entry in decisions["decisions"]] == [label.split()[-1]]
     reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
-    assert reloaded.config.num_hidden_layers == 4
+    assert reloaded.config.num_hidden_layers == depth
+    assert not hasattr(reloaded, "peft_config")  # the adapters are merged in
+    if name == "sparse_heal":
+        assert abs(measure_sparsity(reloaded)["overall"] - 0.5) < 1e-3  # the merged LoRA delta was re-masked
+    else:
+        assert len(decisions["decisions"][0]["removed_layers"]) == 2
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
-    logged = list(csv.DictReader(next(out.rglob("metrics.csv")).open()))
+    logged = list(csv.DictReader((out / "logs" / "metrics.csv").open()))
     keys = {key for row in logged for key, value in row.items() if value}
-    assert {"eval/before/perplexity_wikitext2", "eval/after/perplexity_c4", "eval/after/arc_easy_acc_norm", "train_loss", "val_perplexity"} <= keys
+    tag = label.replace(" ", "_")
+    assert {"eval/dense/perplexity_wikitext2", f"eval/{tag}/perplexity_c4", "eval/after_training/perplexity_c4",
+            "eval/after_training/arc_easy_acc_norm", "train_loss", "val_perplexity"} <= keys
     ids = torch.randint(0, 256, (1, 16))
     assert torch.isfinite(reloaded(input_ids=ids).logits).all()
-

@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import make_tiny_model, random_ids
+
 from lightning_prune.capture import capture_layer_inputs
 from lightning_prune.errors import InputError
 from lightning_prune.merging import (

@@ -4,10 +4,8 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from conftest import read_decision, run_cli
-
+from transformers import AutoModelForCausalLM
 
 SMALL = ("--seq_len", 16, "--num_samples", 4, "--calibration_samples", 4, "--batch_size", 4)
 

@@ -1,8 +1,8 @@
 import math
 
 import torch
-
 from conftest import make_tiny_model
+
 from lightning_prune.evaluation.perplexity import perplexity
 
 

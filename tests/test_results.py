@@ -1,8 +1,8 @@
 import json
 
 import pytest
-
 from conftest import make_tiny_model
+
 from lightning_prune.errors import InputError
 from lightning_prune.results import RunDirectory, count_parameters
 

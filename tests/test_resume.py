@@ -1,13 +1,16 @@
 """Interrupt a pruned + LoRA run mid-epoch, resume with ``ckpt_path="last"``, get the uninterrupted result.
 
-This is the recipe's path (``python train.py fit --config ... --ckpt_path last``): the pruning
-callback rebuilds the stored decision in ``setup`` (no ``resume_from``, no re-scoring) and
-``TextDataModule`` skips the batches the interrupted epoch already trained on.
+This is the public path: ``StageCallback(resume_from="last")`` rebuilds the decision stored in
+the checkpoint in ``setup`` (no re-scoring), ``trainer.fit(..., ckpt_path="last")`` loads the
+weights, and ``TextDataModule`` skips the batches the interrupted epoch already trained on. The
+recipe path (``lightning-prune fit --config ... --ckpt_path ...``) sets ``resume_from`` itself.
 
 Tolerance: the resumed run must match the uninterrupted one to 1e-6 (absolute) in every adapter
 weight and in the final perplexity. LoRA dropout is 0 here because Lightning does not store the
 global RNG state in a checkpoint (with dropout the masks after resuming would differ).
 """
+
+import json
 
 import lightning as L
 import pytest
@@ -15,11 +18,13 @@ import torch
 from conftest import make_tiny_model
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_prune.callbacks.pruning import LayerPruningCallback
+from lightning_prune.callbacks import StageCallback
+from lightning_prune.cli import main
 from lightning_prune.data.datamodule import TextDataModule
 from lightning_prune.errors import InputError
 from lightning_prune.evaluation.perplexity import perplexity
 from lightning_prune.modules.healing import HealingModule
+from lightning_prune.stages import PruneStage, checkpoint_decisions
 
 STEPS, STOP_AT = 6, 3  # 8 batches per epoch: the interruption and the end are both mid-epoch
 
@@ -32,14 +37,16 @@ class Interrupt(L.Callback):
 
 def run(model_dir, tmp_path, name, *, resume=None, extra=()):
     L.seed_everything(0)
-    pruning = LayerPruningCallback(metric="block_influence", num_layers=2, compensation="magnitude")
+    stages = StageCallback([PruneStage(metric="block_influence", num_layers=2, compensation="magnitude")],
+                           run_dir=str(tmp_path / name / "run"), resume_from=resume)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=1, save_last=True)
     module = HealingModule(model=str(model_dir), lora_dropout=0.0, learning_rate=1e-2, warmup_steps=2)
     data = TextDataModule(tokenizer=str(model_dir), seq_len=32, num_train_samples=16, calibration_samples=4, batch_size=2)
-    trainer = L.Trainer(accelerator="cpu", max_steps=STEPS, callbacks=[pruning, checkpoint, *extra], logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=STEPS, callbacks=[stages, checkpoint, *extra], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        default_root_dir=tmp_path / name)
     trainer.fit(module, datamodule=data, ckpt_path=resume)
-    return module, pruning, data
+    return module, stages, data
 
 
 def final_state(module, data):
@@ -48,13 +55,16 @@ def final_state(module, data):
 
 
 def test_resume_mid_epoch_equals_uninterrupted(tiny_dir, tmp_path):
-    module, pruning, data = run(tiny_dir, tmp_path, "full")
+    module, stages, data = run(tiny_dir, tmp_path, "full")
     expected, expected_ppl = final_state(module, data)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(tiny_dir, tmp_path, "crashed", extra=[Interrupt()])
-    assert 0 < torch.load(tmp_path / "crashed" / "last.ckpt", weights_only=False)["global_step"] < STEPS
-    resumed_module, resumed_pruning, data = run(tiny_dir, tmp_path, "crashed", resume="last")
-    assert resumed_pruning.decision["removed_layers"] == pruning.decision["removed_layers"]
+    crashed = torch.load(tmp_path / "crashed" / "last.ckpt", weights_only=True)
+    assert 0 < crashed["global_step"] < STEPS
+    assert checkpoint_decisions(crashed)[0].removed_layers == stages.decisions[0].removed_layers
+    resumed_module, resumed_stages, data = run(tiny_dir, tmp_path, "crashed", resume="last")
+    assert resumed_stages.decisions[0].removed_layers == stages.decisions[0].removed_layers
+    assert resumed_module.model.config.num_hidden_layers == 4
     assert resumed_module.trainer.global_step == STEPS
     actual, actual_ppl = final_state(resumed_module, data)
     assert actual.keys() == expected.keys()
@@ -70,3 +80,28 @@ def test_resume_with_another_model_is_refused(tiny_dir, tmp_path, tiny_tokenizer
     tiny_tokenizer.save_pretrained(other)
     with pytest.raises(InputError, match="checkpoint is from model .*tiny-llama.*'model_type': 'llama'.* but this run heals .*tiny-qwen2"):
         run(other, tmp_path, "qwen2", resume=str(tmp_path / "llama" / "last.ckpt"))
+
+
+TINY = ["--prune.num_layers", "2", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+        "--trainer.accumulate_grad_batches", "1", "--trainer.limit_val_batches", "1", "--data.init_args.seq_len", "32",
+        "--data.init_args.num_train_samples", "8", "--data.init_args.num_val_samples", "2",
+        "--data.init_args.calibration_samples", "4", "--evaluation.seq_len", "32", "--evaluation.num_samples", "2",
+        "--trainer.enable_progress_bar", "false"]
+
+
+def test_recipe_checkpoint_validates_with_the_decided_architecture(tiny_dir, tmp_path):
+    """``validate --ckpt_path`` on a prune_heal checkpoint: the CLI hands it to StageCallback, which rebuilds 4 layers."""
+    run_dir = tmp_path / "run"
+    main(["fit", "--config", "prune_heal", "--run_dir", str(run_dir), "--model.init_args.model", str(tiny_dir), *TINY])
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file()
+    removed = checkpoint_decisions(torch.load(checkpoint, weights_only=True))[0].removed_layers
+    assert removed == json.loads((run_dir / "decisions.json").read_text())["decisions"][0]["removed_layers"]
+    assert len(removed) == 2
+    validated = tmp_path / "validated"
+    main(["validate", "--config", "prune_heal", "--run_dir", str(validated), "--model.init_args.model", str(tiny_dir), *TINY,
+          "--ckpt_path", str(checkpoint)])
+    # the plan was not made again (no calibration scoring, no decisions.json in the new run directory)
+    assert not (validated / "decisions.json").exists()
+    logged = (validated / "logs" / "metrics.csv").read_text()
+    assert "val_perplexity" in logged

@@ -1,4 +1,4 @@
-"""The embedded SmolLM2-135M: loading, evaluation and pruning through the CLI (slow)."""
+"""The embedded SmolLM2-135M: loading, evaluation, pruning and the demo (prune_heal recipe) through the CLI (slow)."""
 
 import json
 import math
@@ -41,3 +41,31 @@ def test_evaluate_and_prune_demo(tmp_path, capsys):
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.split()[-2:] == ["28", "6"]
+
+
+def check_demo(tmp_path, capsys, model: str = "demo", depth: int = 30, layer_parameters: int = 3_540_096) -> dict:
+    """``lightning-prune demo`` (the prune_heal recipe through the CLI) with 2 layers removed and 1 healing step."""
+    from lightning_prune.commands.demo import demo
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "demo"
+    result = demo(model=model, num_layers=2, heal_steps=1, output_dir=str(out))
+    printed = capsys.readouterr().out
+    assert result["run_dir"] == str(out)
+    assert list(result["stages"]) == ["dense", "after prune", "after training"]
+    assert "| stage | layers | parameters | size MB | PPL wikitext2 | PPL c4 | seconds |" in printed
+    for label, values in result["stages"].items():
+        assert f"| {label} | {values['num_layers']} | {values['num_parameters']:,} |" in printed
+        assert all(math.isfinite(v) and v > 1 for v in values["perplexity"].values())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dense"]["num_layers"] == depth
+    assert metrics["after prune"]["num_layers"] == metrics["after training"]["num_layers"] == depth - 2
+    assert metrics["dense"]["num_parameters"] - metrics["after training"]["num_parameters"] == 2 * layer_parameters
+    assert "seconds" in metrics["after prune"]
+    assert AutoModelForCausalLM.from_pretrained(out / "model").config.num_hidden_layers == depth - 2
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "decisions.json").is_file()
+    return result
+
+
+def test_demo_command_prunes_heals_and_prints_the_table(tmp_path, capsys):
+    check_demo(tmp_path, capsys)

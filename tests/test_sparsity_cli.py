@@ -4,9 +4,8 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from conftest import read_decision
+from transformers import AutoModelForCausalLM
 
 from lightning_prune.cli import main
 

@@ -11,9 +11,8 @@ import lightning as L
 import pytest
 import torch
 from conftest import make_tiny_model, random_ids
-from torch.utils.data import DataLoader
-
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
 
 from lightning_prune.callbacks import StageCallback
 from lightning_prune.errors import InputError
@@ -195,3 +194,13 @@ def test_ddp_ranks_score_their_shards_reduce_and_agree(tmp_path, metric):
     full = score_layers(TinyModule().model, BLOCKS, metric, ScoringOptions(progress=False, batch_size=2, candidates=[1, 2, 3, 4]))
     reduced = torch.tensor([v if v is not None else float("nan") for v in ranks[0]["scores"].values()])
     assert torch.allclose(reduced[1:5], full[1:5], rtol=1e-4)
+
+
+def test_resume_into_another_model_is_refused(tmp_path):
+    run = trainer(tmp_path, 1, StageCallback([PruneStage(layers=[1, 2])]))
+    run.fit(TinyModule("llama"), datamodule=CalibrationData())
+    checkpoint = tmp_path / "llama.ckpt"
+    run.save_checkpoint(checkpoint)
+    callback = StageCallback([PruneStage(layers=[1, 2])], resume_from=str(checkpoint))
+    with pytest.raises(InputError, match="made for another model .*model_type llama vs mistral"):
+        trainer(tmp_path, 2, callback).fit(TinyModule("mistral"), datamodule=CalibrationData(), ckpt_path=checkpoint)

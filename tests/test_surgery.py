@@ -2,9 +2,9 @@ import copy
 
 import pytest
 import torch
+from conftest import make_tiny_model, random_ids
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_model, random_ids
 from lightning_prune.errors import InputError
 from lightning_prune.model import Anatomy, remove_layers, replace_layers, untie_embeddings
 from lightning_prune.model.anatomy import family_spec

@@ -84,4 +84,3 @@ def sparsify(
     return result
 
 
-sparsify.stage_class = SparsifyStage

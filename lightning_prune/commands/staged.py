@@ -8,7 +8,7 @@ and writes the run directory (``model/``, ``decisions.json`` (+ ``.safetensors``
 """
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from lightning_prune.commands.common import EvaluationData, check_seq_len, load_checked_model, run_record, split_names
 from lightning_prune.data.tasks import is_task
@@ -19,7 +19,50 @@ from lightning_prune.model.loading import load_config
 from lightning_prune.results import RunDirectory, model_summary
 from lightning_prune.stages import Stage, check_stages, fingerprint, format_plan, plan_json, plan_tensors
 
-__all__ = ["run_stage"]
+__all__ = ["StageRun", "run_stage"]
+
+
+@dataclass
+class StageRun:
+    """Data, evaluation and output options of a one-shot stage command.
+
+    Args:
+        model: 'demo', a Hugging Face Hub id, a local model directory or a .gguf file.
+        calibration_data: wikitext2 / c4 (validation split), a text/jsonl file, or a task (arc_easy, piqa, boolq).
+        calibration_samples: calibration blocks of seq_len tokens (or task items), drawn with seed.
+        seed: seed of the calibration draw (and of the random metric).
+        data: comma-separated evaluation sources (wikitext2, c4, text/jsonl paths), test split.
+        seq_len: tokens per calibration and evaluation block.
+        num_samples: evaluation blocks per source.
+        batch_size: blocks per forward pass.
+        dtype: float32, bfloat16 or float16.
+        device: e.g. cpu, cuda.
+        output_dir: run directory for model/, decisions.json and metrics.json (default: runs/<command>).
+        overwrite: replace results already in output_dir.
+        dry_run: plan, print the decision and write only decisions.json (no model, no evaluation).
+    """
+
+    model: str = "demo"
+    calibration_data: str = "wikitext2"
+    calibration_samples: int = 64
+    seed: int = 0
+    data: str = "wikitext2"
+    seq_len: int = 128
+    num_samples: int = 64
+    batch_size: int = 8
+    dtype: str = "float32"
+    device: str = "cpu"
+    output_dir: str | None = None
+    overwrite: bool = False
+    dry_run: bool = False
+
+    def run(self, stage: Stage) -> dict:
+        """Run ``stage`` with these options (output in ``runs/<stage name>`` unless given)."""
+        return run_stage(stage, asdict(self), model=self.model, calibration_data=self.calibration_data,
+                         calibration_samples=self.calibration_samples, seed=self.seed, eval_data=self.data,
+                         eval_samples=self.num_samples, seq_len=self.seq_len, batch_size=self.batch_size, dtype=self.dtype,
+                         device=self.device, output_dir=self.output_dir or f"runs/{stage.name}", overwrite=self.overwrite,
+                         dry_run=self.dry_run)
 
 
 def _calibration(stage: Stage, tokenizer, source: str, *, seq_len: int, num_samples: int, seed: int):

@@ -2,7 +2,7 @@
 
 Training order is resumable mid-epoch: the shuffle is a ``DistributedSampler`` (so Lightning
 keeps it under DDP instead of wrapping it; each rank takes its share unless the trainer has
-``use_distributed_sampler: false``) seeded by ``seed + epoch``, and when a fit restores a
+``shard: false``) seeded by ``seed + epoch``, and when a fit restores a
 checkpoint taken inside an epoch, the first pass skips the batches that epoch already trained
 on. A resumed run therefore sees exactly the batches an uninterrupted run sees.
 """
@@ -32,6 +32,8 @@ class TextDataModule(L.LightningDataModule):
         calibration_samples: blocks drawn at random (seeded) for pruning/merging calibration.
         batch_size: blocks per batch and device.
         seed: seed of calibration sampling and training-order shuffling.
+        shard: under DDP each rank trains on its share of the blocks; false: every rank sees every
+            batch (teacher-forced mp distillation spreads layers, not data, over ranks).
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class TextDataModule(L.LightningDataModule):
         calibration_samples: int = 64,
         batch_size: int = 4,
         seed: int = 0,
+        shard: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -78,7 +81,7 @@ class TextDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         dataset = _Blocks(self.train_blocks)
-        world, rank = _shard(self.trainer)
+        world, rank = _shard(self.trainer, hp.shard)
         sampler = ResumableShuffle(dataset, num_replicas=world, rank=rank, seed=hp.seed)
         sampler.skip = _batches_done_this_epoch(self.trainer) * hp.batch_size
         return _ResumableLoader(dataset, batch_size=hp.batch_size, sampler=sampler)
@@ -114,10 +117,10 @@ class _ResumableLoader(DataLoader):
         pass
 
 
-def _shard(trainer: L.Trainer | None) -> tuple[int, int]:
+def _shard(trainer: L.Trainer | None, shard: bool) -> tuple[int, int]:
     """(replicas, rank) of this process's share: the whole set when the trainer is told not to
-    shard (``use_distributed_sampler: false``, e.g. teacher-forced mp distillation on several ranks)."""
-    if trainer is None or not trainer._accelerator_connector.use_distributed_sampler:
+    shard (``shard: false``, e.g. teacher-forced mp distillation on several ranks)."""
+    if trainer is None or not shard:
         return 1, 0
     return trainer.world_size, trainer.global_rank
 

@@ -17,7 +17,7 @@ in ``setup("fit")``. Only the merged layers' parameters train (their count is as
   layer; those states are computed once per batch and cached (memory, then disk), so a step
   runs a single layer. Under DDP the teacher-forced layers are spread over ranks (layer k on
   rank ``k % world_size``; every rank must see every batch, hence
-  ``trainer.use_distributed_sampler: false``), nothing is all-reduced, and the trained layers
+  ``data.init_args.shard: false``), nothing is all-reduced, and the trained layers
   are broadcast from their owners at the end: the result equals a one-process run with the
   same data order. The student-path variant averages the current layer's gradients over ranks.
 """
@@ -95,6 +95,7 @@ class LayerwiseDistillation(CausalLMModule):
         self.mapping: list[MappedLayer] = []
         self._cache: BoundaryCache | None = None
         self._stage_steps = 1
+        self._gathered = False
 
     # ----- set-up -------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -167,12 +168,9 @@ class LayerwiseDistillation(CausalLMModule):
 
     def on_fit_start(self) -> None:
         if self.hparams.mode == "mp":
-            if self.distributed_layers and self.trainer._accelerator_connector.use_distributed_sampler:
-                raise InputError("teacher-forced mp on several ranks needs every batch on every rank; set trainer.use_distributed_sampler: false")
+            if self.distributed_layers and getattr(self.trainer.datamodule, "hparams", {}).get("shard", True):
+                raise InputError("teacher-forced mp on several ranks needs every batch on every rank; set data.init_args.shard: false")
             self.trainer.fit_loop.max_epochs = self.num_stages() * self.hparams.epochs_per_layer
-
-    def on_train_start(self) -> None:
-        self._stage_steps = max(1, int(self.trainer.num_training_batches) * self.hparams.epochs_per_layer)
 
     def on_train_epoch_start(self) -> None:
         self.teacher.eval()
@@ -248,13 +246,32 @@ class LayerwiseDistillation(CausalLMModule):
             )
         return self._cache
 
-    def on_train_end(self) -> None:
-        """Teacher-forced mp on several ranks: every rank receives each layer from its owner."""
-        if not self.distributed_layers:
+    def gather_layers(self) -> None:
+        """Teacher-forced mp on several ranks: every rank receives each trained layer from its owner (once).
+
+        A collective: every rank must call it. ``StageCallback`` calls it through :meth:`export_model`
+        in its ``on_train_end``, which Lightning runs before the module's own ``on_train_end``.
+        """
+        several = torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        if not several or not self.distributed_layers or self._gathered:
             return
+        world = torch.distributed.get_world_size()
         for k, entry in enumerate(self.mapping):
             for parameter in self._layer(entry).parameters():
-                torch.distributed.broadcast(parameter.data, src=k % self.trainer.world_size)
+                torch.distributed.broadcast(parameter.data, src=k % world)
+        self._gathered = True
+
+    def export_model(self) -> torch.nn.Module:
+        """The student, with every rank's trained layers gathered first."""
+        self.gather_layers()
+        return super().export_model()
+
+    def on_train_start(self) -> None:
+        self._gathered = False
+        self._stage_steps = max(1, int(self.trainer.num_training_batches) * self.hparams.epochs_per_layer)
+
+    def on_train_end(self) -> None:
+        self.gather_layers()
 
     # ----- checkpoints --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
