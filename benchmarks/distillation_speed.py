@@ -24,7 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results" / "distillation_speed.json"
-DEFAULT_GROUPS = [[i] for i in range(8)] + [[8, 9], [10, 11], [12, 13], [14, 15], [16, 17], [18, 19], [20, 21]] + [[i] for i in range(22, 30)]
+DEFAULT_GROUPS = (
+    [[i] for i in range(8)] + [[8, 9], [10, 11], [12, 13], [14, 15], [16, 17], [18, 19], [20, 21]] + [[i] for i in range(22, 30)]
+)
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -86,8 +88,14 @@ def child(mode: str, args) -> dict:
     sampler.running = False
     sampler.join()
     tokens = args.steps * batch.numel()
-    return {"mode": mode, "tokens_per_second": tokens / seconds, "seconds_per_step": seconds / args.steps,
-            "peak_rss_above_start_mb": (sampler.peak - before) / 2**20, "boundary_cache_mb": cache_mb, "merged_layers": len(module.mapping)}
+    return {
+        "mode": mode,
+        "tokens_per_second": tokens / seconds,
+        "seconds_per_step": seconds / args.steps,
+        "peak_rss_above_start_mb": (sampler.peak - before) / 2**20,
+        "boundary_cache_mb": cache_mb,
+        "merged_layers": len(module.mapping),
+    }
 
 
 def main() -> None:
@@ -111,23 +119,38 @@ def main() -> None:
     memory = rows["mp"]["peak_rss_above_start_mb"] / max(rows["sp"]["peak_rss_above_start_mb"], 1e-9)
     import torch
 
-    result = {"rows": rows, "mp_over_sp_tokens_per_second": ratio, "mp_over_sp_peak_memory": memory,
-              "settings": {**vars(args), "threads": int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))}}
+    result = {
+        "rows": rows,
+        "mp_over_sp_tokens_per_second": ratio,
+        "mp_over_sp_peak_memory": memory,
+        "settings": {**vars(args), "threads": int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))},
+    }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"mp teacher-forced / sp: {ratio:.2f}x tokens/s, {memory:.2f}x peak memory above start")
     from report import update_section
 
-    lines = ["## Distillation step speed (benchmarks/distillation_speed.py)", "",
-             f"SmolLM2-135M merged 30 -> 23, batch {args.batch_size} x {args.seq_len} tokens, {args.steps} timed steps after one warm-up, "
-             f"CPU, {result['settings']['threads']} thread(s), each mode in its own process; merge groups: "
-             f"{args.decisions or 'fixed layout, 7 two-layer groups over layers 8-21'} (timing depends only on the architecture); "
-             "mp times the middle merged layer. The 2-core machine was shared with other jobs, so absolute rates are low; "
-             "the ratio comes from one run.", "",
-             "| step | tokens/s | s/step | peak RSS above start (MiB) | boundary cache (MiB) |", "|---|---|---|---|---|"]
+    lines = [
+        "## Distillation step speed (benchmarks/distillation_speed.py)",
+        "",
+        f"SmolLM2-135M merged 30 -> 23, batch {args.batch_size} x {args.seq_len} tokens, {args.steps} timed steps after one warm-up, "
+        f"CPU, {result['settings']['threads']} thread(s), each mode in its own process; merge groups: "
+        f"{args.decisions or 'fixed layout, 7 two-layer groups over layers 8-21'} (timing depends only on the architecture); "
+        "mp times the middle merged layer. The 2-core machine was shared with other jobs, so absolute rates are low; "
+        "the ratio comes from one run.",
+        "",
+        "| step | tokens/s | s/step | peak RSS above start (MiB) | boundary cache (MiB) |",
+        "|---|---|---|---|---|",
+    ]
     for mode, row in rows.items():
-        name = "CoMe-sp (teacher + student forward, all merged layers)" if mode == "sp" else "CoMe-mp teacher-forced (cached boundary, one layer)"
-        lines.append(f"| {name} | {row['tokens_per_second']:.0f} | {row['seconds_per_step']:.2f} | {row['peak_rss_above_start_mb']:.0f} | {row['boundary_cache_mb']:.1f} |")
+        name = (
+            "CoMe-sp (teacher + student forward, all merged layers)"
+            if mode == "sp"
+            else "CoMe-mp teacher-forced (cached boundary, one layer)"
+        )
+        lines.append(
+            f"| {name} | {row['tokens_per_second']:.0f} | {row['seconds_per_step']:.2f} | {row['peak_rss_above_start_mb']:.0f} | {row['boundary_cache_mb']:.1f} |"
+        )
     lines += ["", f"mp / sp: **{ratio:.1f}x** tokens/s, {memory:.2f}x peak memory above start."]
     update_section("merging", "distillation-speed", "\n".join(lines))
 

@@ -24,10 +24,10 @@ from report import ROOT, update_section
 from lightning_prune.commands.common import EvaluationData, split_names
 from lightning_prune.commands.prune import prune
 from lightning_prune.evaluation.harness import evaluate_tasks
-from lightning_prune.model.loading import load_model
 from lightning_prune.lora import quantize_model
-from lightning_prune.stages import PruneStage
+from lightning_prune.model.loading import load_model
 from lightning_prune.results import model_summary, package_versions
+from lightning_prune.stages import PruneStage
 
 ORDER = ["dense", "dense + LoRA", "BI-pruned", "BI + LoRA", "BI NF4 base (no healing)", "BI + QLoRA", "random-pruned", "random + LoRA"]
 
@@ -65,8 +65,18 @@ class Evidence:
 
     def _reuse(self, record: dict) -> None:
         """Take over the rows of an earlier run whose measurement settings equal this run's."""
-        keys = ("num_layers", "calibration_samples", "heal_steps", "batch_size", "seq_len", "learning_rate", "wiki_samples",
-                "c4_samples", "tasks", "task_limit")
+        keys = (
+            "num_layers",
+            "calibration_samples",
+            "heal_steps",
+            "batch_size",
+            "seq_len",
+            "learning_rate",
+            "wiki_samples",
+            "c4_samples",
+            "tasks",
+            "task_limit",
+        )
         different = [k for k in keys if record["settings"].get(k) != getattr(self.args, k)]
         if different:
             raise SystemExit(f"--reuse: {self.args.output} was measured with other settings ({', '.join(different)})")
@@ -88,8 +98,11 @@ class Evidence:
 
     def save(self) -> None:
         settings = dict(vars(self.args))
-        settings.update(healing_data="wikitext2 validation", tasks_settings=self.task_settings,
-                        eval_data={"wikitext2": "test split, first blocks", "c4": "bundled C4 sample, first blocks"})
+        settings.update(
+            healing_data="wikitext2 validation",
+            tasks_settings=self.task_settings,
+            eval_data={"wikitext2": "test split, first blocks", "c4": "bundled C4 sample, first blocks"},
+        )
         record = {"rows": self.rows, "settings": settings, "versions": package_versions()}
         Path(self.args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(self.args.output).write_text(json.dumps(record, indent=2) + "\n")
@@ -102,7 +115,8 @@ def markdown(record: dict) -> str:
     tasks = split_names(s["tasks"]) if s.get("tasks") else []
     tokens = s["heal_steps"] * s["batch_size"] * s["seq_len"]
     lines = [
-        "## Pruned vs dense after equal healing (`benchmarks/healing_evidence.py`)", "",
+        "## Pruned vs dense after equal healing (`benchmarks/healing_evidence.py`)",
+        "",
         f"SmolLM2-135M, {s['num_layers']} of 30 layers removed by iterative Block Influence + MagComp "
         f"(calibration {s['calibration_samples']} × {s['seq_len']} WikiText-2 valid blocks, seed 0) or at random "
         "(seed 0, first/last protected, same compensation). Healing budget, the same for every healed row: "
@@ -113,7 +127,8 @@ def markdown(record: dict) -> str:
         f"{s['c4_samples']} × {s['seq_len']} blocks (out of domain, never used for healing)"
         + (f"; lm-eval 0-shot on the first {s['task_limit']} items of {', '.join(tasks)} (acc_norm, acc in brackets)." if tasks else "."),
         "",
-        "| model | layers | parameters | PPL WikiText-2 | PPL C4 | " + "".join(f"{t} acc_norm (acc) | " for t in tasks)
+        "| model | layers | parameters | PPL WikiText-2 | PPL C4 | "
+        + "".join(f"{t} acc_norm (acc) | " for t in tasks)
         + "heal tokens | heal s |",
         "|---|---:|---:|---:|---:|" + "---:|" * len(tasks) + "---:|---:|",
     ]
@@ -125,15 +140,26 @@ def markdown(record: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "BI + LoRA" in rows and "dense + LoRA" in rows:
         ratios = {k: rows["BI + LoRA"]["perplexity"][k] / rows["dense + LoRA"]["perplexity"][k] for k in ("wikitext2", "c4")}
-        lines += ["", f"Pruned / dense perplexity after equal healing (BI + LoRA / dense + LoRA): **{ratios['wikitext2']:.3f}** "
-                  f"on WikiText-2 test, **{ratios['c4']:.3f}** on C4."]
+        lines += [
+            "",
+            f"Pruned / dense perplexity after equal healing (BI + LoRA / dense + LoRA): **{ratios['wikitext2']:.3f}** "
+            f"on WikiText-2 test, **{ratios['c4']:.3f}** on C4.",
+        ]
     removed = {n: rows[n]["removed_layers"] for n in ("BI-pruned", "random-pruned") if n in rows}
     if removed:
-        lines += ["", "Removed layers (original indices, removal order): "
-                  + "; ".join(f"{n.split('-')[0]} `{layers}`" for n, layers in removed.items()) + "."]
-    lines += ["", f"Command: `OMP_NUM_THREADS=2 .venv/bin/python benchmarks/healing_evidence.py --heal_steps {s['heal_steps']} "
-              f"--tasks {s['tasks']} --task_limit {s['task_limit']} --wiki_samples {s['wiki_samples']} --c4_samples {s['c4_samples']}"
-              + (f" --task_rows '{s['task_rows']}'" if s.get("task_rows", ",".join(ORDER)) != ",".join(ORDER) else "") + "`."]
+        lines += [
+            "",
+            "Removed layers (original indices, removal order): "
+            + "; ".join(f"{n.split('-')[0]} `{layers}`" for n, layers in removed.items())
+            + ".",
+        ]
+    lines += [
+        "",
+        f"Command: `OMP_NUM_THREADS=2 .venv/bin/python benchmarks/healing_evidence.py --heal_steps {s['heal_steps']} "
+        f"--tasks {s['tasks']} --task_limit {s['task_limit']} --wiki_samples {s['wiki_samples']} --c4_samples {s['c4_samples']}"
+        + (f" --task_rows '{s['task_rows']}'" if s.get("task_rows", ",".join(ORDER)) != ",".join(ORDER) else "")
+        + "`.",
+    ]
     return "\n".join(lines)
 
 
@@ -142,8 +168,16 @@ def pruned_dir(args, metric: str, selection: str, name: str) -> Path:
     if args.reuse and (out / "decisions.json").exists():
         return out
     stage = PruneStage(num_layers=args.num_layers, metric=metric, selection=selection, compensation="magnitude", seed=0)
-    prune(stage, model="demo", calibration_samples=args.calibration_samples, seed=0, seq_len=args.seq_len, num_samples=1,
-          output_dir=str(out), overwrite=True)
+    prune(
+        stage,
+        model="demo",
+        calibration_samples=args.calibration_samples,
+        seed=0,
+        seq_len=args.seq_len,
+        num_samples=1,
+        output_dir=str(out),
+        overwrite=True,
+    )
     return out
 
 
@@ -157,8 +191,15 @@ def heal(model_dir: str, *, steps: int, seq_len: int, batch_size: int, learning_
     L.seed_everything(seed, verbose=False)
     module = HealingModule(model=model_dir, learning_rate=learning_rate, warmup_steps=max(1, steps // 10), quantize=quantize)
     data = TextDataModule(tokenizer=model_dir, seq_len=seq_len, num_train_samples=steps * batch_size, batch_size=batch_size, seed=seed)
-    trainer = L.Trainer(accelerator="auto", devices=1, max_steps=steps, limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="auto",
+        devices=1,
+        max_steps=steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=data)
     return module
 
@@ -176,7 +217,15 @@ def heal_row(evidence: Evidence, args, name: str, model, quantize: str | None) -
     if evidence.has(name):
         return
     start = time.perf_counter()
-    module = heal(str(model), steps=args.heal_steps, seq_len=args.seq_len, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=0, quantize=quantize)
+    module = heal(
+        str(model),
+        steps=args.heal_steps,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=0,
+        quantize=quantize,
+    )
     seconds = round(time.perf_counter() - start, 1)
     evidence.add(name, module.export_model(), heal_tokens=args.heal_steps * args.batch_size * args.seq_len, heal_seconds=seconds)
 

@@ -71,10 +71,21 @@ def training_free(model, tokenizer, evaluation, args, results: dict) -> None:
     grid_calibration = [blocks[: args.grid_samples]]
     start = time.perf_counter()
     merged = copy.deepcopy(model)
-    merge = progressive_merge(merged, calibration, 30 - args.num_layers, ratio_rule=posterior_ratios(grid_calibration, 20, progress=False), progress=False)
-    record(results, "come_p", {"perplexity": perplexity(merged, evaluation, progress=False), "groups": merge.groups, "steps": merge.steps,
-                               "merge_seconds": round(time.perf_counter() - start, 1), "grid": 20,
-                               "grid_calibration_tokens": sum(b.numel() for b in grid_calibration)})
+    merge = progressive_merge(
+        merged, calibration, 30 - args.num_layers, ratio_rule=posterior_ratios(grid_calibration, 20, progress=False), progress=False
+    )
+    record(
+        results,
+        "come_p",
+        {
+            "perplexity": perplexity(merged, evaluation, progress=False),
+            "groups": merge.groups,
+            "steps": merge.steps,
+            "merge_seconds": round(time.perf_counter() - start, 1),
+            "grid": 20,
+            "grid_calibration_tokens": sum(b.numel() for b in grid_calibration),
+        },
+    )
 
 
 def distill(evaluation, args, results: dict, name: str, **options) -> None:
@@ -85,14 +96,33 @@ def distill(evaluation, args, results: dict, name: str, **options) -> None:
     module.model.load_state_dict(saved["state"])
     module.set_groups(saved["groups"])
     data = TextDataModule(tokenizer="demo", seq_len=args.seq_len, num_train_samples=args.train_samples, batch_size=4, seed=1)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0, max_epochs=1, limit_train_batches=args.steps if options["mode"] == "sp" else args.steps_per_layer)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        max_epochs=1,
+        limit_train_batches=args.steps if options["mode"] == "sp" else args.steps_per_layer,
+    )
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - start
     steps = args.steps if options["mode"] == "sp" else args.steps_per_layer * len(module.mapping)
-    record(results, name, {"perplexity": perplexity(module.model, evaluation, progress=False), "options": options, "optimizer_steps": steps,
-                           "train_tokens": steps * 4 * args.seq_len, "fit_seconds": round(seconds, 1), "merged_layers": len(module.mapping)})
+    record(
+        results,
+        name,
+        {
+            "perplexity": perplexity(module.model, evaluation, progress=False),
+            "options": options,
+            "optimizer_steps": steps,
+            "train_tokens": steps * 4 * args.seq_len,
+            "fit_seconds": round(seconds, 1),
+            "merged_layers": len(module.mapping),
+        },
+    )
 
 
 LABELS = {
@@ -110,10 +140,16 @@ LABELS = {
 def report(results: dict) -> str:
     """Markdown table of every finished stage, with the settings that produced it."""
     settings = results["settings"]
-    lines = ["## CoMe evidence: SmolLM2-135M, 30 -> 23 layers (benchmarks/merging_evidence.py)", "",
-             f"Evaluation: {settings['evaluation']}. Calibration: {settings['calibration_samples']} x {settings['seq_len']} "
-             f"WikiText-2 validation blocks (seed 0); CoMe-P scores each of the 21 candidates on {settings['grid_samples']} of them. "
-             f"CPU, {settings['threads']} thread(s).", "", "| method | layers | WikiText-2 PPL | notes |", "|---|---|---|---|"]
+    lines = [
+        "## CoMe evidence: SmolLM2-135M, 30 -> 23 layers (benchmarks/merging_evidence.py)",
+        "",
+        f"Evaluation: {settings['evaluation']}. Calibration: {settings['calibration_samples']} x {settings['seq_len']} "
+        f"WikiText-2 validation blocks (seed 0); CoMe-P scores each of the 21 candidates on {settings['grid_samples']} of them. "
+        f"CPU, {settings['threads']} thread(s).",
+        "",
+        "| method | layers | WikiText-2 PPL | notes |",
+        "|---|---|---|---|",
+    ]
     keys = [k for k in results if k != "settings"]
     for key in sorted(keys, key=lambda k: (list(LABELS).index(k.split("@")[0]), k)):
         base, _, tag = key.partition("@")
@@ -153,8 +189,13 @@ def main() -> None:
     if stages == ["report"]:
         update_section("merging", "merging-evidence", report(results))
         return
-    results["settings"] = {**{k: str(v) for k, v in vars(args).items()}, "model": "SmolLM2-135M (demo, fp32)", "threads": torch.get_num_threads(),
-                           "evaluation": f"WikiText-2 test, first {args.eval_samples} x {args.seq_len} tokens", "versions": package_versions()}
+    results["settings"] = {
+        **{k: str(v) for k, v in vars(args).items()},
+        "model": "SmolLM2-135M (demo, fp32)",
+        "threads": torch.get_num_threads(),
+        "evaluation": f"WikiText-2 test, first {args.eval_samples} x {args.seq_len} tokens",
+        "versions": package_versions(),
+    }
     model, tokenizer = load_model("demo")
     evaluation = load_blocks(tokenizer, "wikitext2", split="test", seq_len=args.seq_len, num_samples=args.eval_samples)
     if "training-free" in stages:

@@ -46,7 +46,9 @@ class Grid:
     def __init__(self, base, blocks, accuracy_blocks, evaluation, args):
         self.base, self.blocks, self.accuracy_blocks, self.evaluation, self.args = base, blocks, accuracy_blocks, evaluation, args
         self.rows: list[dict] = []
-        self.record = {"settings": {**vars(args), "calibration": "wikitext2 validation (seeded draw)", "evaluation": "wikitext2 test (first blocks)"}}
+        self.record = {
+            "settings": {**vars(args), "calibration": "wikitext2 validation (seeded draw)", "evaluation": "wikitext2 test (first blocks)"}
+        }
 
     def data(self, metric):
         return self.accuracy_blocks if metric == "accuracy" else self.blocks
@@ -61,10 +63,18 @@ class Grid:
         """Prune a copy of the base model (``kwargs`` go to ``prune_layers``), evaluate it, record a row."""
         model = copy.deepcopy(self.base)
         start = time.perf_counter()
-        decisions = prune_layers(model, self.data(name), compensation=compensation, calibration_blocks=self.blocks, options=self.options(), **kwargs)
+        decisions = prune_layers(
+            model, self.data(name), compensation=compensation, calibration_blocks=self.blocks, options=self.options(), **kwargs
+        )
         seconds = time.perf_counter() - start
-        row = {"metric": name, "selection": mode, "compensation": compensation, "removed": decisions["removed_layers"],
-               "perplexity": self.evaluate(model), "seconds": seconds}
+        row = {
+            "metric": name,
+            "selection": mode,
+            "compensation": compensation,
+            "removed": decisions["removed_layers"],
+            "perplexity": self.evaluate(model),
+            "seconds": seconds,
+        }
         self.rows.append(row)
         print(json.dumps(row), flush=True)
         self.save()
@@ -78,7 +88,11 @@ class Grid:
         options.block_size = self.args.num_layers
         start = time.perf_counter()
         scores = score_layers(self.base, self.data(metric), metric, options)
-        picks = contiguous_block(scores, self.args.num_layers, protected, by_start=metric == "contiguous") if selection == "contiguous" else one_shot(scores, self.args.num_layers, protected)
+        picks = (
+            contiguous_block(scores, self.args.num_layers, protected, by_start=metric == "contiguous")
+            if selection == "contiguous"
+            else one_shot(scores, self.args.num_layers, protected)
+        )
         return picks, time.perf_counter() - start
 
     def metric(self, metric: str) -> None:
@@ -86,7 +100,9 @@ class Grid:
             if selection == "iterative":
                 picks = None
                 for compensation in ("none", "magnitude"):
-                    removed = self.run(metric, selection, compensation, metric=metric, selection="iterative", num_layers=self.args.num_layers)
+                    removed = self.run(
+                        metric, selection, compensation, metric=metric, selection="iterative", num_layers=self.args.num_layers
+                    )
                     picks = picks or removed
                 self.run(metric, selection, "projection", layers=picks)
                 continue
@@ -166,8 +182,12 @@ def main() -> None:
         merge([tag for tag in args.merge.split(",") if tag])
         return
     base, tokenizer = load_model("demo")
-    blocks = load_blocks(tokenizer, "wikitext2", split="validation", seq_len=args.seq_len, num_samples=args.calibration_samples, seed=args.seed)
-    accuracy_blocks = load_blocks(tokenizer, "wikitext2", split="validation", seq_len=args.accuracy_seq_len, num_samples=args.accuracy_samples, seed=args.seed + 1)
+    blocks = load_blocks(
+        tokenizer, "wikitext2", split="validation", seq_len=args.seq_len, num_samples=args.calibration_samples, seed=args.seed
+    )
+    accuracy_blocks = load_blocks(
+        tokenizer, "wikitext2", split="validation", seq_len=args.accuracy_seq_len, num_samples=args.accuracy_samples, seed=args.seed + 1
+    )
     evaluation = load_blocks(tokenizer, "wikitext2", split="test", seq_len=args.seq_len, num_samples=args.eval_samples)
     grid = Grid(base, blocks, accuracy_blocks, evaluation, args)
     grid.record["dense_perplexity"] = grid.evaluate(base)

@@ -31,7 +31,11 @@ def timed_prune(base, blocks, metric: str, num_layers: int, batch_size: int, pre
     model = copy.deepcopy(base)
     start = time.perf_counter()
     decisions = prune_layers(
-        model, blocks, metric=metric, selection="iterative", num_layers=num_layers,
+        model,
+        blocks,
+        metric=metric,
+        selection="iterative",
+        num_layers=num_layers,
         options=ScoringOptions(batch_size=batch_size, prefix_reuse=prefix_reuse, progress=False),
     )
     return decisions["removed_layers"], time.perf_counter() - start
@@ -46,7 +50,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     base, tokenizer = load_model("demo")
-    blocks = load_blocks(tokenizer, "wikitext2", split="validation", seq_len=args.seq_len, num_samples=args.calibration_samples, seed=args.seed)
+    blocks = load_blocks(
+        tokenizer, "wikitext2", split="validation", seq_len=args.seq_len, num_samples=args.calibration_samples, seed=args.seed
+    )
     batch = args.calibration_samples
     reuse_picks, reuse_seconds = timed_prune(base, blocks, "removal_perplexity", args.num_layers, batch, prefix_reuse=True)
     print(f"removal_perplexity iterative, prefix reuse: {reuse_seconds:.1f} s, picks {reuse_picks}", flush=True)
@@ -69,7 +75,10 @@ def main() -> None:
     print(json.dumps({k: v for k, v in result.items() if k.startswith(("speedup", "same"))}, indent=2))
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     tokens = args.calibration_samples * args.seq_len
-    update_section("pruning", "pruning-speed", f"""
+    update_section(
+        "pruning",
+        "pruning-speed",
+        f"""
 ## Speed of pruning decisions (`benchmarks/pruning_speed.py`)
 
 SmolLM2-135M, fp32, CPU ({torch.get_num_threads()} thread, shared machine), iterative removal of {args.num_layers} of 30
@@ -85,7 +94,8 @@ layers (first and last layer protected), calibration WikiText-2 validation {args
 - Prefix reuse vs naive: **{naive_seconds / reuse_seconds:.2f}×** faster, same picks: **{reuse_picks == naive_picks}**.
 - Gradient vs iterative removal_perplexity (prefix reuse): **{reuse_seconds / gradient_seconds:.2f}×** faster
   (vs naive: {naive_seconds / gradient_seconds:.2f}×; the GradMAP paper reports ≈4× vs SLEB). The two metrics pick different layers.
-""")
+""",
+    )
 
 
 if __name__ == "__main__":

@@ -89,8 +89,12 @@ def _configs(args) -> list[tuple[float, str, str, float | None]]:
     """First sparsity's grid, the α sweep, then the other sparsities (SparseGPT, the slowest, last)."""
     methods = args.methods.split(",")
     sparsities = _floats(args.sparsities)
-    grid = [(s, m, a, {"uniform": None, "owl": OWL_LAMBDA, "dlp": DLP_ALPHA.get(s, 0.1)}[a])
-            for s in sparsities for m in methods for a in args.allocations.split(",")]
+    grid = [
+        (s, m, a, {"uniform": None, "owl": OWL_LAMBDA, "dlp": DLP_ALPHA.get(s, 0.1)}[a])
+        for s in sparsities
+        for m in methods
+        for a in args.allocations.split(",")
+    ]
     first = [c for c in grid if c[0] == sparsities[0]]
     sweep = [(0.7, "wanda", "dlp", alpha) for alpha in _floats(args.alpha_sweep)]
     rest = sorted((c for c in grid if c[0] != sparsities[0]), key=lambda c: (c[1] == "sparsegpt", -c[0], methods.index(c[1])))
@@ -104,9 +108,18 @@ def _start_record(args, model, calibration, evaluation) -> dict:
         same = ("calibration_samples", "eval_samples", "seq_len", "seed")
         assert all(record["settings"][k] == getattr(args, k) for k in same), "resume needs the same sizes and seed"
         return record
-    record = {"settings": {**vars(args), "model": "demo (SmolLM2-135M)", "calibration": "c4 validation",
-                           "evaluation": "wikitext2 test, first blocks", "dlp_alpha": DLP_ALPHA, "owl_lambda": OWL_LAMBDA},
-              "versions": package_versions(), "runs": []}
+    record = {
+        "settings": {
+            **vars(args),
+            "model": "demo (SmolLM2-135M)",
+            "calibration": "c4 validation",
+            "evaluation": "wikitext2 test, first blocks",
+            "dlp_alpha": DLP_ALPHA,
+            "owl_lambda": OWL_LAMBDA,
+        },
+        "versions": package_versions(),
+        "runs": [],
+    }
     record["dense_perplexity"] = perplexity(model, evaluation)
     start = time.perf_counter()
     record["statistics"] = allocation_statistics(model, calibration)
@@ -118,8 +131,9 @@ def _start_record(args, model, calibration, evaluation) -> dict:
 def run(args) -> dict:
     model, tokenizer = load_model("demo")
     dense = {k: v.clone() for k, v in model.state_dict().items()}
-    calibration = load_blocks(tokenizer, "c4", split="validation", seq_len=args.seq_len,
-                              num_samples=args.calibration_samples, seed=args.seed)
+    calibration = load_blocks(
+        tokenizer, "c4", split="validation", seq_len=args.seq_len, num_samples=args.calibration_samples, seed=args.seed
+    )
     evaluation = load_blocks(tokenizer, "wikitext2", split="test", seq_len=args.seq_len, num_samples=args.eval_samples)
     record = _start_record(args, model, calibration, evaluation)
     statistics = record["statistics"]
@@ -129,17 +143,34 @@ def run(args) -> dict:
             continue
         model.load_state_dict(dense)
         start = time.perf_counter()
-        result = sparsify(model, calibration, method=method, allocation=allocation, sparsity=sparsity, alpha=alpha,
-                          statistics=statistics.get(allocation), progress=False)
+        result = sparsify(
+            model,
+            calibration,
+            method=method,
+            allocation=allocation,
+            sparsity=sparsity,
+            alpha=alpha,
+            statistics=statistics.get(allocation),
+            progress=False,
+        )
         seconds = time.perf_counter() - start
-        row = {"sparsity": sparsity, "method": method, "allocation": allocation, "alpha": alpha,
-               "perplexity": perplexity(model, evaluation, progress=False),
-               "measured_sparsity": measure_sparsity(model)["overall"], "seconds": seconds,
-               "layer_sparsity": result.layer_sparsity}
+        row = {
+            "sparsity": sparsity,
+            "method": method,
+            "allocation": allocation,
+            "alpha": alpha,
+            "perplexity": perplexity(model, evaluation, progress=False),
+            "measured_sparsity": measure_sparsity(model)["overall"],
+            "seconds": seconds,
+            "layer_sparsity": result.layer_sparsity,
+        }
         record["runs"].append(row)
         _save(record)
-        print(f"{sparsity:.2f} {method:10s} {allocation:8s} alpha={alpha} ppl={row['perplexity']:.2f} "
-              f"measured={row['measured_sparsity']:.4f} {seconds:.0f}s", flush=True)
+        print(
+            f"{sparsity:.2f} {method:10s} {allocation:8s} alpha={alpha} ppl={row['perplexity']:.2f} "
+            f"measured={row['measured_sparsity']:.4f} {seconds:.0f}s",
+            flush=True,
+        )
     return record
 
 
@@ -179,15 +210,29 @@ def render(record: dict) -> str:
         done = {k: float(v) for k, v in cells.items() if v != "—"}
         best = min(done, key=done.get) if len(done) == 3 else "—"
         lines.append(f"| {sparsity:.0%} | {method} | " + " | ".join(cells.values()) + f" | {best} |")
-    sweep = sorted((r for r in runs if r["method"] == "wanda" and r["allocation"] == "dlp" and r["sparsity"] == 0.7),
-                   key=lambda r: r["alpha"])
+    sweep = sorted(
+        (r for r in runs if r["method"] == "wanda" and r["allocation"] == "dlp" and r["sparsity"] == 0.7), key=lambda r: r["alpha"]
+    )
     if sweep:
-        lines += ["", "DLP α sweep (Wanda, 70%):", "", "| α | " + " | ".join(f"{r['alpha']:g}" for r in sweep) + " |",
-                  "|---|" + "---|" * len(sweep), "| perplexity | " + " | ".join(f"{r['perplexity']:.2f}" for r in sweep) + " |"]
+        lines += [
+            "",
+            "DLP α sweep (Wanda, 70%):",
+            "",
+            "| α | " + " | ".join(f"{r['alpha']:g}" for r in sweep) + " |",
+            "|---|" + "---|" * len(sweep),
+            "| perplexity | " + " | ".join(f"{r['perplexity']:.2f}" for r in sweep) + " |",
+        ]
     worst = max((abs(r["measured_sparsity"] - r["sparsity"]) for r in runs), default=0.0)
-    lines += ["", f"Measured global sparsity deviates from the target by at most {worst:.2e} in every run.",
-              f"Layer statistics (one dense pass, shared by all runs): {record['statistics_seconds']:.0f} s.", "",
-              *READING, *_speed_lines(), *_figure_lines(), *NOTES]
+    lines += [
+        "",
+        f"Measured global sparsity deviates from the target by at most {worst:.2e} in every run.",
+        f"Layer statistics (one dense pass, shared by all runs): {record['statistics_seconds']:.0f} s.",
+        "",
+        *READING,
+        *_speed_lines(),
+        *_figure_lines(),
+        *NOTES,
+    ]
     return "\n".join(lines)
 
 
@@ -195,10 +240,16 @@ def _figure_lines() -> list[str]:
     """The per-layer plot written by the CLI example, if it was copied next to this document."""
     if not (DOC.parent / FIGURE).exists():
         return []
-    return ["### Per-layer sparsity of the CLI example", "",
-            "`lightning-prune sparsify --model demo --method wanda --allocation dlp --sparsity 0.7 --alpha 0.15 --data c4 "
-            "--calibration_samples 16 --seq_len 128 --eval_samples 16 --output_dir …` (its `layer_sparsity.png`; "
-            "earlier layers, more important by DLP, are pruned less):", "", f"![per-layer sparsity]({FIGURE})", ""]
+    return [
+        "### Per-layer sparsity of the CLI example",
+        "",
+        "`lightning-prune sparsify --model demo --method wanda --allocation dlp --sparsity 0.7 --alpha 0.15 --data c4 "
+        "--calibration_samples 16 --seq_len 128 --eval_samples 16 --output_dir …` (its `layer_sparsity.png`; "
+        "earlier layers, more important by DLP, are pruned less):",
+        "",
+        f"![per-layer sparsity]({FIGURE})",
+        "",
+    ]
 
 
 def _speed_lines() -> list[str]:
@@ -207,14 +258,18 @@ def _speed_lines() -> list[str]:
         return []
     speed = json.loads(SPEED.read_text())
     s = speed["settings"]
-    lines = ["### Time and memory per method", "",
-             f"`OMP_NUM_THREADS={speed['threads']} nice -n 10 .venv/bin/python benchmarks/sparsity_speed.py "
-             f"--calibration_samples {s['calibration_samples']}`: uniform 50 %, {s['calibration_samples']} × {s['seq_len']} "
-             "C4 tokens, one subprocess per method, on a CPU shared with other jobs (absolute times are inflated by "
-             "contention; peak = resident memory above the level before `sparsify`, model already loaded).", "",
-             "| method | seconds | × magnitude | peak extra MiB |", "|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['seconds']:.1f} | {r['time_vs_magnitude']:.1f} | {r['peak_extra_mib']:.0f} |"
-              for r in speed["rows"]]
+    lines = [
+        "### Time and memory per method",
+        "",
+        f"`OMP_NUM_THREADS={speed['threads']} nice -n 10 .venv/bin/python benchmarks/sparsity_speed.py "
+        f"--calibration_samples {s['calibration_samples']}`: uniform 50 %, {s['calibration_samples']} × {s['seq_len']} "
+        "C4 tokens, one subprocess per method, on a CPU shared with other jobs (absolute times are inflated by "
+        "contention; peak = resident memory above the level before `sparsify`, model already loaded).",
+        "",
+        "| method | seconds | × magnitude | peak extra MiB |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {r['method']} | {r['seconds']:.1f} | {r['time_vs_magnitude']:.1f} | {r['peak_extra_mib']:.0f} |" for r in speed["rows"]]
     return [*lines, ""]
 
 

@@ -62,8 +62,13 @@ def measure_one(method: str, samples: int, seq_len: int) -> dict:
         start = time.perf_counter()
         sparsify(model, blocks, method=method, allocation="uniform", sparsity=0.5, progress=False)
         seconds = time.perf_counter() - start
-    return {"method": method, "seconds": seconds, "peak_extra_mib": (memory.peak - memory.start) / 2**20,
-            "measured_sparsity": measure_sparsity(model)["overall"], "tokens": samples * seq_len}
+    return {
+        "method": method,
+        "seconds": seconds,
+        "peak_extra_mib": (memory.peak - memory.start) / 2**20,
+        "measured_sparsity": measure_sparsity(model)["overall"],
+        "tokens": samples * seq_len,
+    }
 
 
 def main() -> None:
@@ -77,8 +82,16 @@ def main() -> None:
         return
     rows = []
     for method in METHODS:
-        command = [sys.executable, __file__, "--one", method, "--calibration_samples", str(args.calibration_samples),
-                   "--seq_len", str(args.seq_len)]
+        command = [
+            sys.executable,
+            __file__,
+            "--one",
+            method,
+            "--calibration_samples",
+            str(args.calibration_samples),
+            "--seq_len",
+            str(args.seq_len),
+        ]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(output.strip().splitlines()[-1]))
         print(rows[-1], flush=True)

@@ -26,8 +26,9 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:
-        raise InputError(f"--ckpt_path {str(path)!r} holds objects other than tensors and plain data; "
-                         "refusing to load it (loading could run code in it)") from error
+        raise InputError(
+            f"--ckpt_path {str(path)!r} holds objects other than tensors and plain data; refusing to load it (loading could run code in it)"
+        ) from error
     except (RuntimeError, EOFError, ValueError) as error:
         raise InputError(f"--ckpt_path {str(path)!r} is not a readable checkpoint ({str(error).splitlines()[0]})") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
@@ -41,7 +42,10 @@ def resolve_checkpoint(trainer: L.Trainer, path: str | None) -> Path | None:
         return None
     if path != "last":
         return Path(path)
-    candidates = [Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
-                  for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+    candidates = [
+        Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+        for cb in trainer.callbacks
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath
+    ]
     existing = [c for c in candidates if c.is_file()]
     return max(existing, key=lambda c: c.stat().st_mtime) if existing else None

@@ -74,9 +74,16 @@ class StageCallback(L.Callback):
         source: the model source to record in the plan (default: the module's ``hparams.model``).
     """
 
-    def __init__(self, stages: list[Stage] | tuple = (), evaluation: EvaluationSuite | None = None,
-                 run_dir: str | None = None, resume_from: str | None = None, dry_run: bool = False,
-                 save_model: bool = True, source: str | None = None):
+    def __init__(
+        self,
+        stages: list[Stage] | tuple = (),
+        evaluation: EvaluationSuite | None = None,
+        run_dir: str | None = None,
+        resume_from: str | None = None,
+        dry_run: bool = False,
+        save_model: bool = True,
+        source: str | None = None,
+    ):
         self.stages, self.evaluation, self.run_dir = list(stages), evaluation, run_dir
         self.resume_from, self.dry_run, self.save_model, self.source = resume_from, dry_run, save_model, source
         self.decisions: list[Decision] | None = None
@@ -131,15 +138,18 @@ class StageCallback(L.Callback):
         if not stage.shards_calibration or trainer.world_size == 1:
             return blocks
         if len(blocks) < trainer.world_size:
-            raise InputError(f"{len(blocks)} calibration blocks cannot be shared by {trainer.world_size} ranks; "
-                             "raise data calibration_samples")
+            raise InputError(
+                f"{len(blocks)} calibration blocks cannot be shared by {trainer.world_size} ranks; raise data calibration_samples"
+            )
         return blocks[trainer.global_rank :: trainer.world_size]
 
     def _agree(self, trainer: L.Trainer, decision: Decision) -> None:
         reference = trainer.strategy.broadcast(decision.signature(), src=0)
         if reference != decision.signature():
-            raise RuntimeError(f"rank {trainer.global_rank} decided {decision.signature()} but rank 0 decided {reference}; "
-                               "calibration statistics must be reduced over ranks")
+            raise RuntimeError(
+                f"rank {trainer.global_rank} decided {decision.signature()} but rank 0 decided {reference}; "
+                "calibration statistics must be reduced over ranks"
+            )
 
     def _plan(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Decision]:
         pl_module.to(trainer.strategy.root_device)
@@ -151,12 +161,17 @@ class StageCallback(L.Callback):
             if stage.needs_calibration() and blocks is None:
                 blocks = self._calibration(trainer)
             start = time.perf_counter()
-            decision = stage.plan(model, self._shard(trainer, blocks, stage) if stage.needs_calibration() else None,
-                                  reduce=self._reduce(trainer), progress=trainer.is_global_zero)
+            decision = stage.plan(
+                model,
+                self._shard(trainer, blocks, stage) if stage.needs_calibration() else None,
+                reduce=self._reduce(trainer),
+                progress=trainer.is_global_zero,
+            )
             self._agree(trainer, decision)
             decisions.append(decision)
-            self._measure(trainer, model, _tokenizer(pl_module), f"after {stage.name}", seconds=time.perf_counter() - start,
-                          **decision.measurements())
+            self._measure(
+                trainer, model, _tokenizer(pl_module), f"after {stage.name}", seconds=time.perf_counter() - start, **decision.measurements()
+            )
         if trainer.is_global_zero:
             self.run(trainer).write_plan(plan_json(decisions, self.fingerprint, self.source), plan_tensors(decisions))
         trainer.strategy.barrier("stage plan")
@@ -182,9 +197,12 @@ class StageCallback(L.Callback):
         trainer.strategy.barrier(f"evaluation {label}")
 
     def _write_metrics(self, trainer: L.Trainer) -> None:
-        settings = {"run_dir": str(self.run(trainer).path), "model": self.source,
-                    "stages": [{"name": s.name, **vars(s)} for s in self.stages],
-                    "evaluation": self.evaluation.settings() if self.evaluation else None}
+        settings = {
+            "run_dir": str(self.run(trainer).path),
+            "model": self.source,
+            "stages": [{"name": s.name, **vars(s)} for s in self.stages],
+            "evaluation": self.evaluation.settings() if self.evaluation else None,
+        }
         self.run(trainer).write_json("metrics.json", {**self.results, "settings": settings, "versions": package_versions()})
 
     def export(self, pl_module: L.LightningModule) -> torch.nn.Module:
@@ -224,9 +242,11 @@ class StageCallback(L.Callback):
         """Refuse a checkpoint taken after other decisions (our modules refuse it earlier, before its weights load)."""
         stored = checkpoint_decisions(checkpoint)
         if stored is not None and not same_decisions(stored, self.decisions or []):
-            raise InputError(f"checkpoint was written after {[d.summary() for d in stored]} but this run applied "
-                             f"{[d.summary() for d in self.decisions or []] or 'no stages'}; resume through "
-                             "StageCallback(resume_from=<checkpoint>) (the CLI does this for --ckpt_path)")
+            raise InputError(
+                f"checkpoint was written after {[d.summary() for d in stored]} but this run applied "
+                f"{[d.summary() for d in self.decisions or []] or 'no stages'}; resume through "
+                "StageCallback(resume_from=<checkpoint>) (the CLI does this for --ckpt_path)"
+            )
 
     def state_dict(self) -> dict:
         return {"results": self.results}

@@ -34,7 +34,7 @@ def resolve_config_args(args: list[str]) -> list[str]:
         if arg == "--config" and index + 1 < len(resolved):
             value, index = resolved[index + 1], index + 1
         elif arg.startswith("--config="):
-            value, prefix = arg[len("--config="):], "--config="
+            value, prefix = arg[len("--config=") :], "--config="
         if value is not None and not Path(value).exists():
             resolved[index] = prefix + str(recipe_path(value))
     return resolved

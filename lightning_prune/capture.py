@@ -179,12 +179,7 @@ def capture_layer_inputs(
             if position == stop_at:
                 raise _StopForward
 
-        handles = [
-            stack[p].register_forward_pre_hook(
-                lambda m, a, k, p=p: hook(m, a, k, p), with_kwargs=True
-            )
-            for p in watch
-        ]
+        handles = [stack[p].register_forward_pre_hook(lambda m, a, k, p=p: hook(m, a, k, p), with_kwargs=True) for p in watch]
         try:
             model(input_ids=batch.to(model_device), use_cache=False)
         except _StopForward:
@@ -211,9 +206,7 @@ def run_layers(
     return hidden
 
 
-def replay_logits(
-    model: nn.Module, inputs: LayerInputs, batch_index: int, skip: Iterable[int] = ()
-) -> torch.Tensor:
+def replay_logits(model: nn.Module, inputs: LayerInputs, batch_index: int, skip: Iterable[int] = ()) -> torch.Tensor:
     """Logits (B, T, V) from captured inputs of one batch, through layers ``start..`` except ``skip``."""
     skip = set(skip)
     positions = [p for p in range(inputs.start, Anatomy(model).num_layers) if p not in skip]

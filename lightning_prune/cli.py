@@ -9,9 +9,9 @@ stderr and exit code 2.
 
 import inspect
 import json
-import typing
 import logging
 import sys
+import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import fields, is_dataclass

@@ -86,8 +86,7 @@ class PruneCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True, "save_to_log_dir": False})
         kwargs.setdefault("seed_everything_default", 0)
         self.stage_callback: StageCallback | None = None
-        super().__init__(model_class=None, datamodule_class=None, subclass_mode_model=True, subclass_mode_data=True,
-                         args=args, **kwargs)
+        super().__init__(model_class=None, datamodule_class=None, subclass_mode_model=True, subclass_mode_data=True, args=args, **kwargs)
 
     def init_parser(self, **kwargs) -> LightningArgumentParser:
         kwargs.setdefault("allow_abbrev", False)  # a typo such as --prune.num_layer must not match --prune.num_layers
@@ -114,8 +113,13 @@ class PruneCLI(LightningCLI):
             check_stages(stages, load_config(model_source))
         if config["evaluate"]:
             config["evaluation"].check()
-        self.stage_callback = StageCallback(stages, evaluation=config["evaluation"] if config["evaluate"] else None,
-                                            run_dir=str(run_dir), dry_run=config["dry_run"], source=model_source)
+        self.stage_callback = StageCallback(
+            stages,
+            evaluation=config["evaluation"] if config["evaluate"] else None,
+            run_dir=str(run_dir),
+            dry_run=config["dry_run"],
+            source=model_source,
+        )
         trainer = config["trainer"]
         callbacks = list(trainer.get("callbacks") or [])
         for callback in callbacks:

@@ -52,8 +52,7 @@ def check_lora_targets(model: nn.Module, targets: list[str]) -> None:
     missing = [target for target in targets if target not in available]
     if not targets or missing:
         raise InputError(
-            f"LoRA target_modules {missing or targets} match no linear module of this model; "
-            f"its linear modules are: {', '.join(available)}"
+            f"LoRA target_modules {missing or targets} match no linear module of this model; its linear modules are: {', '.join(available)}"
         )
 
 
@@ -64,8 +63,10 @@ def check_bitsandbytes(quantize: str | None) -> None:
     if quantize not in QUANTIZE_TYPES:
         raise InputError(f"quantize {quantize!r} is not known; choose one of {', '.join(QUANTIZE_TYPES)} or leave it unset for LoRA")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise InputError(f"quantize: {quantize} (QLoRA) needs the bitsandbytes package, which is not installed; "
-                         "install bitsandbytes or leave quantize unset for plain LoRA")
+        raise InputError(
+            f"quantize: {quantize} (QLoRA) needs the bitsandbytes package, which is not installed; "
+            "install bitsandbytes or leave quantize unset for plain LoRA"
+        )
 
 
 def quantize_model(model: nn.Module, *, quant_type: str, compute_dtype: str, double_quant: bool) -> nn.Module:

@@ -138,5 +138,10 @@ def prune_layers(
     compensated = {"compensation": comp.name, "untied_embeddings": untied, "compensation_steps": run.records, "compensation_final": final}
     if layers is not None:
         return {**removed, **(compensated if comp.name != "none" else {})}
-    chosen = {"metric": metric, "selection": selection, "protected_layers": protected_positions(depth, first, last), "num_layers_before": depth}
+    chosen = {
+        "metric": metric,
+        "selection": selection,
+        "protected_layers": protected_positions(depth, first, last),
+        "num_layers_before": depth,
+    }
     return {**chosen, **removed, "steps": [step.as_dict() for step in steps], **compensated}

@@ -47,8 +47,7 @@ def weight_bytes(model: nn.Module) -> int:
 
 def model_summary(model: nn.Module) -> dict:
     """Layer, parameter and weight-byte counts of a model, as stored in ``metrics.json``."""
-    return {"num_layers": model.config.num_hidden_layers, "num_parameters": count_parameters(model),
-            "num_bytes": weight_bytes(model)}
+    return {"num_layers": model.config.num_hidden_layers, "num_parameters": count_parameters(model), "num_bytes": weight_bytes(model)}
 
 
 def _readable(directory: Path) -> None:

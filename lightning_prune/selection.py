@@ -76,9 +76,7 @@ def removal_count(num_layers: int, *, count: int | None = None, ratio: float | N
             "lower --protect_first / --protect_last"
         )
     if not 1 <= count <= limit:
-        raise InputError(
-            f"num_layers={count} must be in 1..{limit}: the model has {num_layers} layers of which {protected} are protected"
-        )
+        raise InputError(f"num_layers={count} must be in 1..{limit}: the model has {num_layers} layers of which {protected} are protected")
     return count
 
 

@@ -10,7 +10,20 @@ from transformers import GPT2Config, GPT2LMHeadModel
 def test_evaluate_writes_metrics(capsys, tiny_dir, tmp_path):
     text = tmp_path / "story.txt"
     text.write_text("Once upon a time there was a tiny model. " * 200)
-    code, out, err = run_cli(capsys, "evaluate", "--model", tiny_dir, "--data", f"wikitext2,{text}", "--seq_len", 32, "--num_samples", 4, "--output_dir", tmp_path / "run")
+    code, out, err = run_cli(
+        capsys,
+        "evaluate",
+        "--model",
+        tiny_dir,
+        "--data",
+        f"wikitext2,{text}",
+        "--seq_len",
+        32,
+        "--num_samples",
+        4,
+        "--output_dir",
+        tmp_path / "run",
+    )
     assert code == 0, err
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(metrics["perplexity"]) == {"wikitext2", "story"}
@@ -24,7 +37,9 @@ def test_evaluate_writes_metrics(capsys, tiny_dir, tmp_path):
 
 def test_prune_saves_reloadable_model(capsys, tiny_dir, tmp_path):
     out_dir = tmp_path / "pruned"
-    code, out, err = run_cli(capsys, "prune", "--model", tiny_dir, "--layers", "3,1", "--seq_len", 32, "--num_samples", 4, "--output_dir", out_dir)
+    code, out, err = run_cli(
+        capsys, "prune", "--model", tiny_dir, "--layers", "3,1", "--seq_len", 32, "--num_samples", 4, "--output_dir", out_dir
+    )
     assert code == 0, err
     decision = read_decision(out_dir, "prune")
     assert decision["removed_layers"] == [3, 1] and decision["kept_layers"] == [0, 2, 4, 5]
@@ -85,14 +100,17 @@ def test_existing_results_need_overwrite(capsys, tiny_dir, tmp_path):
     code, _, err = run_cli(capsys, "evaluate", "--model", tiny_dir, "--seq_len", 32, "--num_samples", 2, "--output_dir", out_dir)
     assert_one_line_error(code, err, "already holds results")
     assert (out_dir / "metrics.json").read_text() == "{}"
-    code, _, err = run_cli(capsys, "evaluate", "--model", tiny_dir, "--seq_len", 32, "--num_samples", 2, "--output_dir", out_dir, "--overwrite", "true")
+    code, _, err = run_cli(
+        capsys, "evaluate", "--model", tiny_dir, "--seq_len", 32, "--num_samples", 2, "--output_dir", out_dir, "--overwrite", "true"
+    )
     assert code == 0, err
 
 
 def test_console_script_error_is_exactly_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "lightning_prune.cli", "prune", "--model", str(tmp_path / "missing"), "--layers", "1"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("lightning-prune: error: model path")

@@ -82,8 +82,16 @@ def test_tied_fold_keeps_weights_tied_and_moves_the_scale_into_the_final_norm():
 
 
 def test_tied_final_layer_norm_bias_is_scaled_too():
-    config = OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4,
-                       word_embed_proj_dim=64, tie_word_embeddings=True, dropout=0.0)
+    config = OPTConfig(
+        vocab_size=256,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
+        tie_word_embeddings=True,
+        dropout=0.0,
+    )
     reference, folded = (AutoModelForCausalLM.from_config(config).eval() for _ in range(2))
     with torch.no_grad():
         Anatomy(reference).final_norm.bias.normal_(0, 0.5)

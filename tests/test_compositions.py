@@ -30,8 +30,16 @@ def fit(model_dir, run_dir, module, stages):
     L.seed_everything(0)
     callback = StageCallback(stages, run_dir=str(run_dir))
     data = TextDataModule(tokenizer=str(model_dir), seq_len=32, num_train_samples=8, calibration_samples=4, batch_size=2)
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, callbacks=[callback], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(module, datamodule=data)
     return callback
 
@@ -55,8 +63,14 @@ def assert_exact_sparsity(saved, callback):
 
 
 def lora(model_dir, **options):
-    return HealingModule(model=str(model_dir), lora_dropout=0.0, learning_rate=1e-2, warmup_steps=1,
-                         target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], **options)
+    return HealingModule(
+        model=str(model_dir),
+        lora_dropout=0.0,
+        learning_rate=1e-2,
+        warmup_steps=1,
+        target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+        **options,
+    )
 
 
 def test_prune_then_heal(tiny_dir, tmp_path):
@@ -74,8 +88,10 @@ def test_sparsify_then_heal_saves_exactly_the_live_sparsity(tiny_dir, tmp_path):
     saved = assert_saved_equals_live(tmp_path, callback, module, 6)
     assert_exact_sparsity(saved, callback)
     merged_delta = module.export_model()  # without on_export the LoRA delta is dense
-    assert any(bool((linear.weight != 0).sum() > mask.sum()) for (name, linear), mask in
-               zip(prunable_linears(merged_delta), callback.decisions[0].masks.values()))
+    assert any(
+        bool((linear.weight != 0).sum() > mask.sum())
+        for (name, linear), mask in zip(prunable_linears(merged_delta), callback.decisions[0].masks.values())
+    )
 
 
 def test_sparsify_then_qlora_heal(tiny_dir, tmp_path):
@@ -104,8 +120,16 @@ def test_merge_then_distill_trains_only_the_merged_layers(tiny_dir, tmp_path):
     module.configure_model()
     callback = StageCallback([MergeStage(num_layers=2, batch_size=2)], run_dir=str(tmp_path))
     data = TextDataModule(tokenizer=str(tiny_dir), seq_len=32, num_train_samples=8, calibration_samples=4, batch_size=2)
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, callbacks=[callback], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(module, datamodule=data)
     merge = callback.decisions[0]
     merged = set(merge.merged_positions())
@@ -144,8 +168,20 @@ def test_recipe_with_a_bad_stage_order_is_one_line_before_any_weight_loads(capsy
     import lightning_prune.model.loading as loading
 
     monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
-    code, _, err = run_cli(capsys, "fit", "--config", "sparse_heal", "--model.init_args.model", tiny_dir,
-                           "--stages", "[sparsify, prune]", "--prune.num_layers", 1, "--run_dir", tmp_path / "run")
+    code, _, err = run_cli(
+        capsys,
+        "fit",
+        "--config",
+        "sparse_heal",
+        "--model.init_args.model",
+        tiny_dir,
+        "--stages",
+        "[sparsify, prune]",
+        "--prune.num_layers",
+        1,
+        "--run_dir",
+        tmp_path / "run",
+    )
     assert_one_line_error(code, err, "put sparsify last")
     assert not (tmp_path / "run").exists()
 

@@ -25,7 +25,10 @@ def test_seeded_sampling_is_deterministic_and_distinct():
     assert len(set(starts)) == 20 and all(start % 10 == 0 for start in starts)
 
 
-@pytest.mark.parametrize("seq_len, num_samples, message", [(0, 1, "positive"), (10, 11, "yields: 10 blocks"), (200, None, "fewer than one block"), (10, 0, "positive")])
+@pytest.mark.parametrize(
+    "seq_len, num_samples, message",
+    [(0, 1, "positive"), (10, 11, "yields: 10 blocks"), (200, None, "fewer than one block"), (10, 0, "positive")],
+)
 def test_block_errors(seq_len, num_samples, message):
     with pytest.raises(InputError, match=message):
         token_blocks(torch.arange(100), seq_len, num_samples)

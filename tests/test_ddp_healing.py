@@ -39,19 +39,36 @@ def train(model_dir: str, devices: int, output: str, evaluate: bool = False) -> 
     torch.set_num_threads(1)
     L.seed_everything(0)
     evaluation = EvaluationSuite(data="wikitext2", seq_len=32, num_samples=2) if evaluate else None
-    stages = StageCallback([PruneStage(metric="block_influence", selection="iterative", num_layers=2, compensation="magnitude")],
-                           evaluation=evaluation, run_dir=str(Path(output) / "run"))
+    stages = StageCallback(
+        [PruneStage(metric="block_influence", selection="iterative", num_layers=2, compensation="magnitude")],
+        evaluation=evaluation,
+        run_dir=str(Path(output) / "run"),
+    )
     module = HealingModule(model=model_dir, lora_dropout=0.0, learning_rate=1e-2, warmup_steps=0)
     data = TextDataModule(tokenizer=model_dir, seq_len=32, num_train_samples=4, calibration_samples=4, batch_size=4 // devices)
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=STEPS,
-        callbacks=[stages, Record()], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=output,
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        max_steps=STEPS,
+        callbacks=[stages, Record()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=output,
     )
     trainer.fit(module, datamodule=data)
-    torch.save({"removed": stages.decisions[0].removed_layers, "losses": Record.losses,
-                "state": {k: v.detach().clone() for k, v in module.model.state_dict().items()}},
-               Path(output) / f"rank{trainer.global_rank}.pt")
+    torch.save(
+        {
+            "removed": stages.decisions[0].removed_layers,
+            "losses": Record.losses,
+            "state": {k: v.detach().clone() for k, v in module.model.state_dict().items()},
+        },
+        Path(output) / f"rank{trainer.global_rank}.pt",
+    )
 
 
 def run(model_dir: Path, devices: int, output: Path, evaluate: bool = False, timeout: int = 300) -> list[dict]:
@@ -59,8 +76,7 @@ def run(model_dir: Path, devices: int, output: Path, evaluate: bool = False, tim
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(HERE), str(model_dir), str(devices), str(output), "eval" if evaluate else "plain"]
     # its own process group, so a timeout also ends the rank Lightning's launcher started
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                               start_new_session=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         _, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:  # a rank waiting forever on another fails the test instead of hanging

@@ -5,8 +5,8 @@ import json
 import lightning as L
 import pytest
 import torch
-
 from conftest import make_tiny_model, random_ids, read_decision
+
 from lightning_prune.callbacks import StageCallback
 from lightning_prune.data.datamodule import TextDataModule
 from lightning_prune.errors import InputError
@@ -17,8 +17,17 @@ from lightning_prune.stages import MergeDecision, MergeStage, checkpoint_decisio
 
 
 def trainer(tmp_path, **options):
-    settings = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(tmp_path))
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+    )
     return L.Trainer(**{**settings, **options})
 
 
@@ -81,8 +90,11 @@ def merged_parameter_count(module):
     return sum(p.numel() for m in module.mapping for p in layers[m.student].parameters())
 
 
-@pytest.mark.parametrize("options", [dict(mode="sp", learning_rate=1e-3), dict(mode="mp"), dict(mode="mp", teacher_forced=True)],
-                         ids=["sp", "mp", "mp-teacher-forced"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(mode="sp", learning_rate=1e-3), dict(mode="mp"), dict(mode="mp", teacher_forced=True)],
+    ids=["sp", "mp", "mp-teacher-forced"],
+)
 def test_fit_trains_only_merged_layers(tiny_dir, tmp_path, options):
     module, callback, _, run = fit_merged(tiny_dir, tmp_path, **options)
     teacher = LayerwiseDistillation(model=str(tiny_dir))
@@ -152,9 +164,14 @@ def test_short_learning_rate_list_names_how_many(tiny_dir, tmp_path):
     assert not (tmp_path / "run" / "model").exists()  # refused before any training
 
 
-@pytest.mark.parametrize(("options", "message"), [(dict(mode="xp"), "choose one of sp, mp"),
-                                                  (dict(mode="sp", teacher_forced=True), "mode 'mp' only"),
-                                                  (dict(loss="kl"), "choose one of kl_raw, kl_norm, mse_norm, cosine")])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(mode="xp"), "choose one of sp, mp"),
+        (dict(mode="sp", teacher_forced=True), "mode 'mp' only"),
+        (dict(loss="kl"), "choose one of kl_raw, kl_norm, mse_norm, cosine"),
+    ],
+)
 def test_bad_module_options(options, message):
     with pytest.raises(InputError, match=message):
         LayerwiseDistillation(**options)
@@ -187,8 +204,7 @@ def test_resume_rebuilds_merged_architecture(tiny_dir, tmp_path):
     bad = LayerwiseDistillation(model=str(tiny_dir), mode="sp")
     bad_callback = StageCallback([MergeStage(num_layers=4)], run_dir=str(tmp_path / "bad"), resume_from=str(tmp_path / "bad.ckpt"))
     with pytest.raises(InputError, match="8-layer original model, but the model has 6 layers"):
-        trainer(tmp_path, max_epochs=1, callbacks=[bad_callback]).fit(bad, datamodule=data(tiny_dir),
-                                                                     ckpt_path=str(tmp_path / "bad.ckpt"))
+        trainer(tmp_path, max_epochs=1, callbacks=[bad_callback]).fit(bad, datamodule=data(tiny_dir), ckpt_path=str(tmp_path / "bad.ckpt"))
     assert not (tmp_path / "bad").exists()
 
 
@@ -201,4 +217,5 @@ def test_resume_without_resume_from_is_refused(tiny_dir, tmp_path):
     other = LayerwiseDistillation(model=str(tiny_dir), mode="sp")
     with pytest.raises(InputError, match="resume through StageCallback"):
         trainer(tmp_path, max_epochs=1, callbacks=[merging(tmp_path / "other", 2)]).fit(
-            other, datamodule=data(tiny_dir), ckpt_path=str(path))
+            other, datamodule=data(tiny_dir), ckpt_path=str(path)
+        )

@@ -39,22 +39,35 @@ def train(model_dir: str, devices: int, output: str) -> None:
     module = LayerwiseDistillation(model=model_dir, mode="mp", teacher_forced=True, learning_rates=[1e-2, 5e-3, 2e-3])
     data = OrderedData(tokenizer=model_dir, seq_len=16, num_train_samples=8, calibration_samples=4, batch_size=4, shard=False)
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
         use_distributed_sampler=False,  # this test's own sequential loader must not be sharded by Lightning
-        callbacks=[StageCallback([MergeStage(num_layers=3, remerge=False)], run_dir=output), snapshot], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[StageCallback([MergeStage(num_layers=3, remerge=False)], run_dir=output), snapshot],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
         limit_val_batches=0,
     )
     trainer.fit(module, datamodule=data)
-    torch.save({"state": module.model.state_dict(), "before": snapshot.state, "epochs": trainer.current_epoch,
-                "students": [m.student for m in module.mapping]},
-               Path(output) / f"student-rank{trainer.global_rank}.pt")
+    torch.save(
+        {
+            "state": module.model.state_dict(),
+            "before": snapshot.state,
+            "epochs": trainer.current_epoch,
+            "students": [m.student for m in module.mapping],
+        },
+        Path(output) / f"student-rank{trainer.global_rank}.pt",
+    )
 
 
 def run(model_dir: Path, devices: int, output: Path) -> list[dict]:
     output.mkdir()
-    result = subprocess.run([sys.executable, str(HERE), str(model_dir), str(devices), str(output)], timeout=300,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(HERE), str(model_dir), str(devices), str(output)], timeout=300, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return [torch.load(output / f"student-rank{rank}.pt") for rank in range(devices)]
 

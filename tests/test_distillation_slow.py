@@ -11,12 +11,39 @@ from lightning_prune.cli import main
 
 def come_args(name: str, run_dir: Path, model: str = "demo", num_layers: int = 2) -> list[str]:
     """``fit --config come_sp|come_mp`` with the merge stage unchanged and every size shrunk."""
-    args = ["fit", "--config", name, "--run_dir", str(run_dir), "--model.init_args.model", model,
-            "--merge.num_layers", str(num_layers), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-            "--trainer.limit_val_batches", "0", "--trainer.limit_train_batches", "1", "--trainer.val_check_interval", "1",
-            "--data.init_args.seq_len", "32", "--data.init_args.num_train_samples", "4",
-            "--data.init_args.calibration_samples", "2", "--evaluation.data", "wikitext2", "--evaluation.seq_len", "32",
-            "--evaluation.num_samples", "2"]
+    args = [
+        "fit",
+        "--config",
+        name,
+        "--run_dir",
+        str(run_dir),
+        "--model.init_args.model",
+        model,
+        "--merge.num_layers",
+        str(num_layers),
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.limit_train_batches",
+        "1",
+        "--trainer.val_check_interval",
+        "1",
+        "--data.init_args.seq_len",
+        "32",
+        "--data.init_args.num_train_samples",
+        "4",
+        "--data.init_args.calibration_samples",
+        "2",
+        "--evaluation.data",
+        "wikitext2",
+        "--evaluation.seq_len",
+        "32",
+        "--evaluation.num_samples",
+        "2",
+    ]
     if name == "come_sp":
         args += ["--trainer.max_steps", "1"]
     else:

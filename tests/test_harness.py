@@ -73,7 +73,21 @@ def test_cli_evaluate_with_tasks(capsys, tiny_dir, tmp_path):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     write_task(tasks / "mine.jsonl", [{"query": f"Question: {n}?", "choices": ["yes", "no"], "gold": n % 2} for n in range(5)])
-    args = ["evaluate", "--model", tiny_dir, "--seq_len", 32, "--num_samples", 2, "--tasks", "arc_easy,mine", "--task_dir", tasks, "--limit", 4]
+    args = [
+        "evaluate",
+        "--model",
+        tiny_dir,
+        "--seq_len",
+        32,
+        "--num_samples",
+        2,
+        "--tasks",
+        "arc_easy,mine",
+        "--task_dir",
+        tasks,
+        "--limit",
+        4,
+    ]
     code, out, err = run_cli(capsys, *args, "--output_dir", tmp_path / "run")
     assert code == 0, err
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -81,7 +95,10 @@ def test_cli_evaluate_with_tasks(capsys, tiny_dir, tmp_path):
     assert metrics["settings"]["harness"]["limit"] == 4 and metrics["settings"]["tasks"] == "arc_easy,mine"
     assert metrics["perplexity"]["wikitext2"] > 1
     write_task(tasks / "bad.jsonl", [{"query": "q", "gold": 0}])
-    for extra, fragment in ((["--tasks", "bad", "--task_dir", tasks], "lacks field 'choices'"), (["--tasks", "piqa", "--limit", 0], "limit 0 must be")):
+    for extra, fragment in (
+        (["--tasks", "bad", "--task_dir", tasks], "lacks field 'choices'"),
+        (["--tasks", "piqa", "--limit", 0], "limit 0 must be"),
+    ):
         code, _, err = run_cli(capsys, "evaluate", "--model", tiny_dir, *extra, "--output_dir", tmp_path / "bad_run")
         assert_one_line_error(code, err, fragment)
         assert not (tmp_path / "bad_run").exists()

@@ -37,9 +37,18 @@ def fit(module, path, tmp_path, steps=3, run_dir=None, **trainer_kwargs):
     """Fit on tiny WikiText-2 blocks; with ``run_dir`` a StageCallback (no stages) saves model/ and adapter/ there."""
     data = TextDataModule(tokenizer=str(path), seq_len=32, num_train_samples=8, num_val_samples=4, batch_size=4)
     callbacks = [StageCallback(run_dir=str(run_dir))] if run_dir is not None else []
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        num_sanity_val_steps=0, limit_val_batches=1, default_root_dir=tmp_path, callbacks=callbacks,
-                        **trainer_kwargs)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        **trainer_kwargs,
+    )
     trainer.fit(module, datamodule=data)
     return trainer
 
@@ -138,7 +147,9 @@ def test_bad_settings_are_named(tiny_dir, monkeypatch):
         HealingModule(lora_rank=0)
     with pytest.raises(InputError, match="quantize 'int3' is not known; choose one of nf4, fp4"):
         HealingModule(quantize="int3")
-    with pytest.raises(InputError, match=r"\['fc1'\] match no linear module.*down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"):
+    with pytest.raises(
+        InputError, match=r"\['fc1'\] match no linear module.*down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
+    ):
         healing_module(tiny_dir, target_modules=["up_proj", "fc1"])
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))

@@ -12,12 +12,36 @@ from transformers import AutoModelForCausalLM
 from lightning_prune.cli import main
 from lightning_prune.sparsity import measure_sparsity
 
-TINY = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.accumulate_grad_batches", "1",
-        "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
-        "--data.init_args.seq_len", "32", "--data.init_args.num_train_samples", "8", "--data.init_args.num_val_samples", "2",
-        "--data.init_args.calibration_samples", "4", "--model.init_args.learning_rate", "1e-2",
-        "--evaluation.seq_len", "32", "--evaluation.num_samples", "2", "--evaluation.tasks", "arc_easy",
-        "--evaluation.limit", "3"]
+TINY = [
+    "--trainer.max_steps",
+    "2",
+    "--trainer.val_check_interval",
+    "2",
+    "--trainer.accumulate_grad_batches",
+    "1",
+    "--trainer.limit_val_batches",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--data.init_args.seq_len",
+    "32",
+    "--data.init_args.num_train_samples",
+    "8",
+    "--data.init_args.num_val_samples",
+    "2",
+    "--data.init_args.calibration_samples",
+    "4",
+    "--model.init_args.learning_rate",
+    "1e-2",
+    "--evaluation.seq_len",
+    "32",
+    "--evaluation.num_samples",
+    "2",
+    "--evaluation.tasks",
+    "arc_easy",
+    "--evaluation.limit",
+    "3",
+]
 # recipe -> (its stage's metrics.json label, the stage's size flag, layers after the stage)
 RECIPES = {
     "prune_heal": ("after prune", ["--prune.num_layers", "2"], 4),
@@ -66,7 +90,13 @@ def test_recipe_changes_heals_evaluates_and_saves(name, tiny_dir, tmp_path):
     logged = list(csv.DictReader((out / "logs" / "metrics.csv").open()))
     keys = {key for row in logged for key, value in row.items() if value}
     tag = label.replace(" ", "_")
-    assert {"eval/dense/perplexity_wikitext2", f"eval/{tag}/perplexity_c4", "eval/after_training/perplexity_c4",
-            "eval/after_training/arc_easy_acc_norm", "train_loss", "val_perplexity"} <= keys
+    assert {
+        "eval/dense/perplexity_wikitext2",
+        f"eval/{tag}/perplexity_c4",
+        "eval/after_training/perplexity_c4",
+        "eval/after_training/arc_easy_acc_norm",
+        "train_loss",
+        "val_perplexity",
+    } <= keys
     ids = torch.randint(0, 256, (1, 16))
     assert torch.isfinite(reloaded(input_ids=ids).logits).all()

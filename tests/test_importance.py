@@ -49,7 +49,9 @@ def test_identity_layer_has_zero_block_influence_and_is_removed_first():
     assert abs(float(scores[3])) < 1e-5
     assert (scores[[0, 1, 2, 4, 5]] > 0.01).all()
     assert one_shot(scores, 1, protected_positions(6))[0] == 3
-    decisions = prune_layers(make_identity(make_tiny_model("llama"), 3), BLOCKS, metric="bi", selection="iterative", num_layers=2, options=options())
+    decisions = prune_layers(
+        make_identity(make_tiny_model("llama"), 3), BLOCKS, metric="bi", selection="iterative", num_layers=2, options=options()
+    )
     assert decisions["removed_layers"][0] == 3
 
 
@@ -123,7 +125,9 @@ def test_prefix_reuse_scores_and_picks_equal_the_naive_path(family):
     assert torch.isnan(fast[[0, 1, 5]]).all()
     assert torch.allclose(fast[candidates], naive[candidates], rtol=1e-4)
     picks = [
-        prune_layers(make_tiny_model(family), BLOCKS, metric="ppl", selection="iterative", num_layers=3, options=options(prefix_reuse=reuse))["removed_layers"]
+        prune_layers(
+            make_tiny_model(family), BLOCKS, metric="ppl", selection="iterative", num_layers=3, options=options(prefix_reuse=reuse)
+        )["removed_layers"]
         for reuse in (True, False)
     ]
     assert picks[0] == picks[1]

@@ -80,7 +80,9 @@ def test_accuracy_iterative_picks_equal_naive(tiny_tokenizer):
     model = make_tiny_model("llama")
     blocks = self_labelled_blocks(model, count=12)
     picks = [
-        prune_layers(make_tiny_model("llama"), blocks, metric="accuracy", selection="one_shot", num_layers=2, options=options(prefix_reuse=reuse))["removed_layers"]
+        prune_layers(
+            make_tiny_model("llama"), blocks, metric="accuracy", selection="one_shot", num_layers=2, options=options(prefix_reuse=reuse)
+        )["removed_layers"]
         for reuse in (True, False)
     ]
     assert picks[0] == picks[1]
@@ -170,7 +172,9 @@ def test_accuracy_ties_are_broken_by_block_influence_and_warned_about():
     relevance = {}
     for layer in (1, 2, 3, 4):
         with torch.no_grad(), without_layers(model, [layer]):
-            relevance[layer] = 1 - float((model(input_ids=blocks, use_cache=False).logits[:, -2].argmax(-1) == blocks[:, -1]).float().mean())
+            relevance[layer] = 1 - float(
+                (model(input_ids=blocks, use_cache=False).logits[:, -2].argmax(-1) == blocks[:, -1]).float().mean()
+            )
     assert relevance[3] == relevance[4] == 0.0  # two items: removing layer 3 or 4 changes no answer
     with pytest.warns(UserWarning, match="ties for 2 of 4 candidate layers on 2 items"):
         scores = score_layers(model, blocks, "accuracy", options(candidates=[1, 2, 3, 4]))

@@ -22,8 +22,23 @@ def test_score_writes_scores_and_plot(capsys, tiny_dir, tmp_path):
 def test_prune_with_metric_selection_and_compensation(capsys, tiny_dir, tmp_path):
     out_dir = tmp_path / "p"
     code, out, err = run_cli(
-        capsys, "prune", "--model", tiny_dir, "--metric", "ppl", "--selection", "iterative", "--num_layers", 2,
-        "--compensation", "magnitude", *COMMON, "--num_samples", 4, "--output_dir", out_dir,
+        capsys,
+        "prune",
+        "--model",
+        tiny_dir,
+        "--metric",
+        "ppl",
+        "--selection",
+        "iterative",
+        "--num_layers",
+        2,
+        "--compensation",
+        "magnitude",
+        *COMMON,
+        "--num_samples",
+        4,
+        "--output_dir",
+        out_dir,
     )
     assert code == 0, err
     decisions = read_decision(out_dir, "prune")
@@ -39,7 +54,20 @@ def test_prune_with_metric_selection_and_compensation(capsys, tiny_dir, tmp_path
 
 
 def test_relevance_writes_json_and_heatmap(capsys, tiny_dir, tmp_path):
-    code, out, err = run_cli(capsys, "relevance", "--model", tiny_dir, "--tasks", "arc_easy,piqa", "--num_items", 6, "--seq_len", 32, "--output_dir", tmp_path / "r")
+    code, out, err = run_cli(
+        capsys,
+        "relevance",
+        "--model",
+        tiny_dir,
+        "--tasks",
+        "arc_easy,piqa",
+        "--num_items",
+        6,
+        "--seq_len",
+        32,
+        "--output_dir",
+        tmp_path / "r",
+    )
     assert code == 0, err
     record = json.loads((tmp_path / "r" / "relevance.json").read_text())
     assert set(record["tasks"]) == {"arc_easy", "piqa", "mixed"}
@@ -83,6 +111,8 @@ def test_bad_task_file_and_post_norm_compensation_are_refused(capsys, tiny_dir, 
     AutoModelForCausalLM.from_config(config).save_pretrained(opt_dir)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_dir / name, opt_dir)
-    code, _, err = run_cli(capsys, "prune", "--model", opt_dir, "--num_layers", 1, "--compensation", "magnitude", "--output_dir", tmp_path / "b")
+    code, _, err = run_cli(
+        capsys, "prune", "--model", opt_dir, "--num_layers", 1, "--compensation", "magnitude", "--output_dir", tmp_path / "b"
+    )
     assert_one_line_error(code, err, "not exact for post-norm blocks")
     assert not (tmp_path / "b").exists()

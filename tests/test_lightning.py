@@ -22,8 +22,16 @@ def test_warmup_cosine_shape():
 def test_fit_trains_and_saves(tiny_dir, tmp_path):
     module = CausalLMModule(model=str(tiny_dir), learning_rate=1e-3)
     data = TextDataModule(tokenizer=str(tiny_dir), seq_len=32, num_train_samples=8, num_val_samples=4, batch_size=4)
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        num_sanity_val_steps=0, limit_val_batches=1, callbacks=[StageCallback(run_dir=str(tmp_path / "saved"))])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        callbacks=[StageCallback(run_dir=str(tmp_path / "saved"))],
+    )
     module.configure_model()
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
     trainer.fit(module, datamodule=data)

@@ -10,11 +10,21 @@ from transformers import AutoModelForCausalLM
 SMALL = ["--seq_len", 32, "--calibration_samples", 4, "--batch_size", 4]
 COMMANDS = {
     "prune": ["prune", "--num_layers", 2, "--selection", "iterative", "--compensation", "magnitude", "--num_samples", 2],
-    "prune_projection": ["prune", "--num_layers", 2, "--compensation", "projection", "--num_samples", 2,
-                         "--calibration_samples", 4, "--seq_len", 64],
+    "prune_projection": [
+        "prune",
+        "--num_layers",
+        2,
+        "--compensation",
+        "projection",
+        "--num_samples",
+        2,
+        "--calibration_samples",
+        4,
+        "--seq_len",
+        64,
+    ],
     "merge": ["merge", "--num_layers", 2, "--num_samples", 2],
-    "sparsify": ["sparsify", "--method", "sparsegpt", "--allocation", "dlp", "--sparsity", 0.6, "--data", "wikitext2",
-                 "--eval_samples", 2],
+    "sparsify": ["sparsify", "--method", "sparsegpt", "--allocation", "dlp", "--sparsity", 0.6, "--data", "wikitext2", "--eval_samples", 2],
 }
 
 
@@ -49,9 +59,28 @@ def test_dry_run_prints_the_plan_and_writes_only_decisions(capsys, tiny_dir, tmp
 
 def test_recipe_dry_run_stops_before_training(capsys, tiny_dir, tmp_path):
     run = tmp_path / "run"
-    code, out, err = run_cli(capsys, "fit", "--config", "prune_heal", "--model.init_args.model", tiny_dir, "--prune.num_layers", 2,
-                             "--data.init_args.seq_len", 32, "--data.init_args.calibration_samples", 4, "--evaluate", "false",
-                             "--run_dir", run, "--dry_run", "true", "--trainer.enable_progress_bar", "false")
+    code, out, err = run_cli(
+        capsys,
+        "fit",
+        "--config",
+        "prune_heal",
+        "--model.init_args.model",
+        tiny_dir,
+        "--prune.num_layers",
+        2,
+        "--data.init_args.seq_len",
+        32,
+        "--data.init_args.calibration_samples",
+        4,
+        "--evaluate",
+        "false",
+        "--run_dir",
+        run,
+        "--dry_run",
+        "true",
+        "--trainer.enable_progress_bar",
+        "false",
+    )
     assert code == 0, err
     assert "dry run: plan written to" in out and "layers: 6 -> 4" in out
     assert sorted(p.name for p in run.iterdir()) == ["decisions.json"]
@@ -77,6 +106,7 @@ def test_plan_for_another_model_or_corrupted_is_refused(capsys, tiny_dir, tmp_pa
 
 
 def test_dry_run_with_overwrite_is_refused(capsys, tiny_dir, tmp_path):
-    code, _, err = run_cli(capsys, "prune", "--model", tiny_dir, "--num_layers", 1, "--dry_run", "true", "--overwrite", "true",
-                           "--output_dir", tmp_path / "z")
+    code, _, err = run_cli(
+        capsys, "prune", "--model", tiny_dir, "--num_layers", 1, "--dry_run", "true", "--overwrite", "true", "--output_dir", tmp_path / "z"
+    )
     assert_one_line_error(code, err, "--dry_run writes only decisions.json")

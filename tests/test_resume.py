@@ -37,14 +37,25 @@ class Interrupt(L.Callback):
 
 def run(model_dir, tmp_path, name, *, resume=None, extra=()):
     L.seed_everything(0)
-    stages = StageCallback([PruneStage(metric="block_influence", num_layers=2, compensation="magnitude")],
-                           run_dir=str(tmp_path / name / "run"), resume_from=resume)
+    stages = StageCallback(
+        [PruneStage(metric="block_influence", num_layers=2, compensation="magnitude")],
+        run_dir=str(tmp_path / name / "run"),
+        resume_from=resume,
+    )
     checkpoint = ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=1, save_last=True)
     module = HealingModule(model=str(model_dir), lora_dropout=0.0, learning_rate=1e-2, warmup_steps=2)
     data = TextDataModule(tokenizer=str(model_dir), seq_len=32, num_train_samples=16, calibration_samples=4, batch_size=2)
-    trainer = L.Trainer(accelerator="cpu", max_steps=STEPS, callbacks=[stages, checkpoint, *extra], logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                        default_root_dir=tmp_path / name)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=STEPS,
+        callbacks=[stages, checkpoint, *extra],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path / name,
+    )
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     return module, stages, data
 
@@ -82,11 +93,32 @@ def test_resume_with_another_model_is_refused(tiny_dir, tmp_path, tiny_tokenizer
         run(other, tmp_path, "qwen2", resume=str(tmp_path / "llama" / "last.ckpt"))
 
 
-TINY = ["--prune.num_layers", "2", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-        "--trainer.accumulate_grad_batches", "1", "--trainer.limit_val_batches", "1", "--data.init_args.seq_len", "32",
-        "--data.init_args.num_train_samples", "8", "--data.init_args.num_val_samples", "2",
-        "--data.init_args.calibration_samples", "4", "--evaluation.seq_len", "32", "--evaluation.num_samples", "2",
-        "--trainer.enable_progress_bar", "false"]
+TINY = [
+    "--prune.num_layers",
+    "2",
+    "--trainer.max_steps",
+    "2",
+    "--trainer.val_check_interval",
+    "2",
+    "--trainer.accumulate_grad_batches",
+    "1",
+    "--trainer.limit_val_batches",
+    "1",
+    "--data.init_args.seq_len",
+    "32",
+    "--data.init_args.num_train_samples",
+    "8",
+    "--data.init_args.num_val_samples",
+    "2",
+    "--data.init_args.calibration_samples",
+    "4",
+    "--evaluation.seq_len",
+    "32",
+    "--evaluation.num_samples",
+    "2",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 
 
 def test_recipe_checkpoint_validates_with_the_decided_architecture(tiny_dir, tmp_path):
@@ -99,8 +131,20 @@ def test_recipe_checkpoint_validates_with_the_decided_architecture(tiny_dir, tmp
     assert removed == json.loads((run_dir / "decisions.json").read_text())["decisions"][0]["removed_layers"]
     assert len(removed) == 2
     validated = tmp_path / "validated"
-    main(["validate", "--config", "prune_heal", "--run_dir", str(validated), "--model.init_args.model", str(tiny_dir), *TINY,
-          "--ckpt_path", str(checkpoint)])
+    main(
+        [
+            "validate",
+            "--config",
+            "prune_heal",
+            "--run_dir",
+            str(validated),
+            "--model.init_args.model",
+            str(tiny_dir),
+            *TINY,
+            "--ckpt_path",
+            str(checkpoint),
+        ]
+    )
     # the plan was not made again (no calibration scoring, no decisions.json in the new run directory)
     assert not (validated / "decisions.json").exists()
     logged = (validated / "logs" / "metrics.csv").read_text()

@@ -23,7 +23,21 @@ def test_demo_loads_as_30_layer_llama():
 
 
 def test_evaluate_and_prune_demo(tmp_path, capsys):
-    main(["evaluate", "--model", "demo", "--data", "wikitext2", "--seq_len", "128", "--num_samples", "16", "--output_dir", str(tmp_path / "eval")])
+    main(
+        [
+            "evaluate",
+            "--model",
+            "demo",
+            "--data",
+            "wikitext2",
+            "--seq_len",
+            "128",
+            "--num_samples",
+            "16",
+            "--output_dir",
+            str(tmp_path / "eval"),
+        ]
+    )
     dense = json.loads((tmp_path / "eval" / "metrics.json").read_text())["perplexity"]["wikitext2"]
     assert math.isfinite(dense) and 20 < dense < 200
     out_dir = tmp_path / "pruned"
@@ -45,8 +59,9 @@ def test_evaluate_and_prune_demo(tmp_path, capsys):
 
 def check_demo(tmp_path, capsys, model: str = "demo", depth: int = 30, layer_parameters: int = 3_540_096) -> dict:
     """``lightning-prune demo`` (the prune_heal recipe through the CLI) with 2 layers removed and 1 healing step."""
-    from lightning_prune.commands.demo import demo
     from transformers import AutoModelForCausalLM
+
+    from lightning_prune.commands.demo import demo
 
     out = tmp_path / "demo"
     result = demo(model=model, num_layers=2, heal_steps=1, output_dir=str(out))

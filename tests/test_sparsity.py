@@ -45,13 +45,11 @@ def test_topk_mask_meets_counts_exactly_even_with_ties():
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "owl", "dlp"])
-@pytest.mark.parametrize(("method", "options"), [("magnitude", {}), ("wanda", {}), ("sparsegpt", {}),
-                                                 ("sparsegpt", {"mask_rule": "row"})])
+@pytest.mark.parametrize(("method", "options"), [("magnitude", {}), ("wanda", {}), ("sparsegpt", {}), ("sparsegpt", {"mask_rule": "row"})])
 def test_global_sparsity_and_exact_counts(method, options, allocation):
     """Exact per-row counts, except SparseGPT's default block rule: exact per-matrix totals."""
     model = make_tiny_model("llama")
-    result = sparsify(model, random_ids(4, 32), method=method, allocation=allocation, sparsity=0.7, alpha=0.1,
-                      progress=False, **options)
+    result = sparsify(model, random_ids(4, 32), method=method, allocation=allocation, sparsity=0.7, alpha=0.1, progress=False, **options)
     assert abs(measure_sparsity(model)["overall"] - 0.7) < 1e-3
     assert abs(sum(result.layer_sparsity) / len(result.layer_sparsity) - 0.7) < 1e-9
     per_matrix = method == "sparsegpt" and not options

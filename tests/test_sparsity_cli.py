@@ -14,8 +14,24 @@ SMALL = ["--data", "wikitext2", "--calibration_samples", "4", "--seq_len", "32",
 
 def test_sparsify_writes_model_decisions_metrics_and_plot(tiny_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    main(["sparsify", "--model", str(tiny_dir), "--method", "wanda", "--allocation", "dlp", "--sparsity", "0.7",
-          "--alpha", "0.1", *SMALL, "--output_dir", str(out)])
+    main(
+        [
+            "sparsify",
+            "--model",
+            str(tiny_dir),
+            "--method",
+            "wanda",
+            "--allocation",
+            "dlp",
+            "--sparsity",
+            "0.7",
+            "--alpha",
+            "0.1",
+            *SMALL,
+            "--output_dir",
+            str(out),
+        ]
+    )
     capsys.readouterr()
     decisions = read_decision(out, "sparsify")
     metrics = json.loads((out / "metrics.json").read_text())
@@ -33,8 +49,24 @@ def test_sparsify_writes_model_decisions_metrics_and_plot(tiny_dir, tmp_path, ca
 
 def test_sparsify_mixed_nm(tiny_dir, tmp_path, capsys):
     out = tmp_path / "nm"
-    main(["sparsify", "--model", str(tiny_dir), "--method", "magnitude", "--allocation", "dlp", "--structure", "2:4",
-          "--alpha", "0.2", *SMALL, "--output_dir", str(out)])
+    main(
+        [
+            "sparsify",
+            "--model",
+            str(tiny_dir),
+            "--method",
+            "magnitude",
+            "--allocation",
+            "dlp",
+            "--structure",
+            "2:4",
+            "--alpha",
+            "0.2",
+            *SMALL,
+            "--output_dir",
+            str(out),
+        ]
+    )
     capsys.readouterr()
     decisions = read_decision(out, "sparsify")
     assert decisions["settings"]["sparsity"] == 0.5

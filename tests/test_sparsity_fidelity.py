@@ -186,11 +186,9 @@ def test_layer_statistic_options():
 
 def test_sparsify_passes_statistic_options_to_the_allocation():
     ids = random_ids(2, 16)
-    reference = allocation_statistics(make_tiny_model("llama"), ids, ("dlp", "owl"), dlp_statistic="mean", owl_m=2.0,
-                                      progress=False)
+    reference = allocation_statistics(make_tiny_model("llama"), ids, ("dlp", "owl"), dlp_statistic="mean", owl_m=2.0, progress=False)
     median = allocation_statistics(make_tiny_model("llama"), ids, ("dlp",), progress=False)["dlp"]
-    mean = sparsify(make_tiny_model("llama"), ids, allocation="dlp", sparsity=0.6, alpha=0.1, dlp_statistic="mean",
-                    progress=False)
+    mean = sparsify(make_tiny_model("llama"), ids, allocation="dlp", sparsity=0.6, alpha=0.1, dlp_statistic="mean", progress=False)
     owl = sparsify(make_tiny_model("llama"), ids, allocation="owl", sparsity=0.6, alpha=0.1, owl_m=2.0, progress=False)
     assert mean.layer_statistic == pytest.approx(reference["dlp"])
     assert owl.layer_statistic == pytest.approx(reference["owl"])
@@ -214,11 +212,18 @@ def test_bad_statistic_options_name_the_option(options, message):
 @pytest.mark.parametrize(
     ("allocation", "sparsity", "expected"),
     [
-        ("dlp", 0.5, 0.04), ("dlp", 0.6, 0.10), ("dlp", 0.7, 0.15), ("dlp", 0.8, 0.12), ("dlp", 0.2, 0.02),
+        ("dlp", 0.5, 0.04),
+        ("dlp", 0.6, 0.10),
+        ("dlp", 0.7, 0.15),
+        ("dlp", 0.8, 0.12),
+        ("dlp", 0.2, 0.02),
         ("dlp", 0.55, 0.04),  # halfway: the smaller α of the two neighbours
-        ("dlp", 0.66, 0.15), ("dlp", 0.05, 0.05),  # 0.06 clamped to p
+        ("dlp", 0.66, 0.15),
+        ("dlp", 0.05, 0.05),  # 0.06 clamped to p
         ("dlp", 0.9, 0.099),  # 0.12 clamped below 1 - p
-        ("owl", 0.5, 0.08), ("owl", 0.7, 0.08), ("owl", 0.05, 0.05),
+        ("owl", 0.5, 0.08),
+        ("owl", 0.7, 0.08),
+        ("owl", 0.05, 0.05),
     ],
 )
 def test_default_alpha_unstructured(allocation, sparsity, expected):
@@ -239,8 +244,7 @@ def test_default_alpha_mixed_nm_and_explicit_alpha_wins():
 @pytest.mark.parametrize("method", METHODS)
 def test_mixed_2_4_with_default_alpha_works(method, allocation):
     model = make_tiny_model("llama")
-    result = sparsify(model, random_ids(2, 16), method=method, allocation=allocation, pattern=NMPattern(2, 4),
-                      progress=False)
+    result = sparsify(model, random_ids(2, 16), method=method, allocation=allocation, pattern=NMPattern(2, 4), progress=False)
     ns = [int(p.split(":")[0]) for p in result.layer_patterns]
     assert len(set(ns)) > 1 and sum(ns) == 2 * len(ns) and 1 <= min(ns) and max(ns) <= 3
     for name, _ in prunable_linears(model):

@@ -26,8 +26,15 @@ def _data(tiny_dir):
 
 def _trainer(max_steps, callback, tmp_path):
     return L.Trainer(
-        max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False, limit_val_batches=0,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, callbacks=[callback],
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
     )
 
 
@@ -38,8 +45,7 @@ def _assert_masked(model, masks):
 
 def test_callback_keeps_zeros_through_training_and_resume(tiny_dir, tmp_path):
     module = CausalLMModule(model=str(tiny_dir), learning_rate=1e-2, weight_decay=0.1)
-    callback = StageCallback([SparsifyStage(method="wanda", allocation="dlp", sparsity=0.6, alpha=0.1)],
-                             run_dir=str(tmp_path / "run"))
+    callback = StageCallback([SparsifyStage(method="wanda", allocation="dlp", sparsity=0.6, alpha=0.1)], run_dir=str(tmp_path / "run"))
     trainer = _trainer(4, callback, tmp_path)
     trainer.fit(module, datamodule=_data(tiny_dir))
     model = module.model
@@ -51,8 +57,9 @@ def test_callback_keeps_zeros_through_training_and_resume(tiny_dir, tmp_path):
     assert abs(measure_sparsity(model)["overall"] - 0.6) < 1e-3
     reference = make_tiny_model("llama")
     kept = masks["layers.0.q_proj"]
-    assert not torch.allclose(model.model.layers[0].self_attn.q_proj.weight[kept],
-                              reference.model.layers[0].self_attn.q_proj.weight[kept])  # it did train
+    assert not torch.allclose(
+        model.model.layers[0].self_attn.q_proj.weight[kept], reference.model.layers[0].self_attn.q_proj.weight[kept]
+    )  # it did train
     plan, _ = read_plan(tmp_path / "run")
     assert all(torch.equal(plan[0].masks[k], masks[k]) for k in masks)  # decisions.json + decisions.safetensors
     _assert_masked(AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model"), masks)  # the saved model too
@@ -64,8 +71,9 @@ def test_callback_keeps_zeros_through_training_and_resume(tiny_dir, tmp_path):
 
     # different settings on purpose: the checkpoint's masks and weights must win
     resumed_module = CausalLMModule(model=str(tiny_dir), learning_rate=1e-2, weight_decay=0.1)
-    resumed = StageCallback([SparsifyStage(method="magnitude", allocation="uniform", sparsity=0.3)],
-                            run_dir=str(tmp_path / "resumed"), resume_from=str(path))
+    resumed = StageCallback(
+        [SparsifyStage(method="magnitude", allocation="uniform", sparsity=0.3)], run_dir=str(tmp_path / "resumed"), resume_from=str(path)
+    )
     _trainer(8, resumed, tmp_path).fit(resumed_module, datamodule=_data(tiny_dir), ckpt_path=path)
     assert resumed_module.trainer.global_step == 8
     (restored,) = resumed.decisions
@@ -81,8 +89,7 @@ def test_lora_training_and_merge_keep_masks():
     model = make_tiny_model("llama")
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
-    decision = SparsifyStage(method="sparsegpt", allocation="owl", sparsity=0.5).plan(peft_model, random_ids(2, 16),
-                                                                                   progress=False)
+    decision = SparsifyStage(method="sparsegpt", allocation="owl", sparsity=0.5).plan(peft_model, random_ids(2, 16), progress=False)
     masks = decision.masks
     base = {name: linear.weight.detach().clone() for name, linear in prunable_linears(peft_model)}
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
@@ -108,8 +115,13 @@ def test_sparse_lora_healing_saves_a_remasked_merge(tiny_dir, tmp_path):
     """HealingModule + SparsifyStage through fit: the saved merge has exactly the masks' zeros."""
     from lightning_prune.modules.healing import HealingModule
 
-    module = HealingModule(model=str(tiny_dir), lora_dropout=0.0, learning_rate=1e-2, warmup_steps=0,
-                           target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"])
+    module = HealingModule(
+        model=str(tiny_dir),
+        lora_dropout=0.0,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     callback = StageCallback([SparsifyStage(method="wanda", allocation="uniform", sparsity=0.5)], run_dir=str(tmp_path / "run"))
     _trainer(3, callback, tmp_path).fit(module, datamodule=_data(tiny_dir))
     masks = callback.decisions[0].masks
@@ -120,6 +132,7 @@ def test_sparse_lora_healing_saves_a_remasked_merge(tiny_dir, tmp_path):
     assert abs(measure_sparsity(saved)["overall"] - 0.5) < 1e-3
     reference = make_tiny_model("llama")
     kept = masks["layers.0.gate_proj"]
-    assert not torch.allclose(saved.model.layers[0].mlp.gate_proj.weight[kept],
-                              reference.model.layers[0].mlp.gate_proj.weight[kept])  # the LoRA delta was merged
+    assert not torch.allclose(
+        saved.model.layers[0].mlp.gate_proj.weight[kept], reference.model.layers[0].mlp.gate_proj.weight[kept]
+    )  # the LoRA delta was merged
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

@@ -54,8 +54,15 @@ class CalibrationData(L.LightningDataModule):
 
 def trainer(tmp_path, steps: int, callback) -> L.Trainer:
     return L.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, callbacks=[callback], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
     )
 
 
@@ -91,8 +98,15 @@ def test_prunes_before_the_optimizer_and_resumes_the_same_architecture(tmp_path)
 def test_resume_from_last_rebuilds_the_stored_decision_without_data(tmp_path):
     module = TinyModule()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, every_n_train_steps=1)
-    run = L.Trainer(accelerator="cpu", max_steps=1, callbacks=[prune_callback(metric="random", num_layers=2), checkpoints],
-                    logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    run = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        callbacks=[prune_callback(metric="random", num_layers=2), checkpoints],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     run.fit(module, datamodule=CalibrationData())
     stored = checkpoint_decisions(torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True))[0].removed_layers
     assert len(stored) == 2
@@ -101,8 +115,15 @@ def test_resume_from_last_rebuilds_the_stored_decision_without_data(tmp_path):
     resumed = StageCallback([PruneStage(metric="random", num_layers=2, seed=1)], resume_from="last")
     resumed_module = TinyModule()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, every_n_train_steps=1)
-    L.Trainer(accelerator="cpu", max_steps=2, callbacks=[resumed, checkpoints], logger=False, enable_progress_bar=False,
-              enable_model_summary=False, default_root_dir=tmp_path).fit(resumed_module, ckpt_path="last")
+    L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        callbacks=[resumed, checkpoints],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    ).fit(resumed_module, ckpt_path="last")
     assert resumed.decisions[0].removed_layers == stored
     assert Anatomy(resumed_module.model).num_layers == 4
 
@@ -114,8 +135,9 @@ def test_resume_without_resume_from_is_refused_before_weights_load(tmp_path):
     checkpoint = tmp_path / "pruned.ckpt"
     run.save_checkpoint(checkpoint)
     with pytest.raises(InputError, match="resume through StageCallback"):
-        trainer(tmp_path, 2, StageCallback([PruneStage(layers=[3, 4])])).fit(TinyModule(), datamodule=CalibrationData(),
-                                                                           ckpt_path=checkpoint)
+        trainer(tmp_path, 2, StageCallback([PruneStage(layers=[3, 4])])).fit(
+            TinyModule(), datamodule=CalibrationData(), ckpt_path=checkpoint
+        )
 
 
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):

@@ -39,7 +39,9 @@ def test_remove_layers_updates_layer_types():
     assert model.config.layer_types == ["full_attention", "full_attention", "sliding_attention", "sliding_attention"]
 
 
-@pytest.mark.parametrize("indices, message", [([6], "out of range"), ([-1], "out of range"), ([1, 1], "more than once"), (list(range(6)), "all 6 layers")])
+@pytest.mark.parametrize(
+    "indices, message", [([6], "out of range"), ([-1], "out of range"), ([1, 1], "more than once"), (list(range(6)), "all 6 layers")]
+)
 def test_remove_layers_rejects_bad_indices(indices, message):
     model = make_tiny_model("llama")
     with pytest.raises(InputError, match=message):

@@ -22,8 +22,10 @@ def summary_table(rows: dict[str, dict]) -> str:
     for stage, values in rows.items():
         scores = " | ".join(f"{values['perplexity'][key]:.2f}" for key in sources)
         seconds = f"{values['seconds']:.1f}" if "seconds" in values else ""
-        lines.append(f"| {stage} | {values['num_layers']} | {values['num_parameters']:,} | "
-                     f"{values.get('num_bytes', 0) / 1e6:.1f} | {scores} | {seconds} |")
+        lines.append(
+            f"| {stage} | {values['num_layers']} | {values['num_parameters']:,} | "
+            f"{values.get('num_bytes', 0) / 1e6:.1f} | {scores} | {seconds} |"
+        )
     return "\n".join(lines)
 
 

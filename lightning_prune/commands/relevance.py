@@ -32,7 +32,12 @@ def _task_scores(lm, tokenizer, items, *, seq_len: int, options: ScoringOptions)
     ids = tokenize_text(tokenizer, task_text(items))
     length = min(seq_len, ids.numel())
     blocks = token_blocks(ids, length, max(1, min(len(items), ids.numel() // length)), source="task text")
-    record = {"items": len(items), "acc_norm": full, "chance": chance_accuracy(items), "block_influence": _values(block_influence(lm, blocks, options))}
+    record = {
+        "items": len(items),
+        "acc_norm": full,
+        "chance": chance_accuracy(items),
+        "block_influence": _values(block_influence(lm, blocks, options)),
+    }
     try:
         record["accuracy_relevance"] = _values(accuracy(lm, encoded, options))
     except InputError as error:
@@ -83,7 +88,15 @@ def relevance(
     lm, tokenizer = load_checked_model(model, dtype=dtype, device=device, seq_len=seq_len)
     options = ScoringOptions(batch_size=batch_size, seed=seed)
     results = {name: _task_scores(lm, tokenizer, task_items, seq_len=seq_len, options=options) for name, task_items in items.items()}
-    record = run_record(settings, metric_definitions={"accuracy": "acc_norm (lm-eval loglikelihood / choice length in characters)", "relevance": "002 Eq. 3", "block_influence": "1 - mean token cosine"}, tasks=results)
+    record = run_record(
+        settings,
+        metric_definitions={
+            "accuracy": "acc_norm (lm-eval loglikelihood / choice length in characters)",
+            "relevance": "002 Eq. 3",
+            "block_influence": "1 - mean token cosine",
+        },
+        tasks=results,
+    )
     run.write_json("relevance.json", record)
     panels = {key: {name: result[key] for name, result in results.items()} for key in ("accuracy_relevance", "block_influence")}
     relevance_heatmap(panels, run.path / "relevance.png", title=f"layer relevance ({model})")

@@ -73,14 +73,27 @@ def sparsify(
         dry_run: plan, print the decision and write only decisions.json (no model, no evaluation).
     """
     settings = {k: v for k, v in locals().items() if k != "stage"}
-    result = run_stage(stage, settings, model=model, calibration_data=data, calibration_samples=calibration_samples, seed=seed,
-                       eval_data=eval_data, eval_samples=eval_samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
-                       device=device, output_dir=output_dir, overwrite=overwrite, dry_run=dry_run)
+    result = run_stage(
+        stage,
+        settings,
+        model=model,
+        calibration_data=data,
+        calibration_samples=calibration_samples,
+        seed=seed,
+        eval_data=eval_data,
+        eval_samples=eval_samples,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        dtype=dtype,
+        device=device,
+        output_dir=output_dir,
+        overwrite=overwrite,
+        dry_run=dry_run,
+    )
     if not dry_run:
         decision = result["decisions"]["decisions"][0]
         _, target, alpha = stage.resolved()
-        plot_layer_sparsity(Path(output_dir) / PLOT_NAME, decision["layer_sparsity"], target,
-                            f"{stage.method} + {stage.allocation} (alpha={alpha})")
+        plot_layer_sparsity(
+            Path(output_dir) / PLOT_NAME, decision["layer_sparsity"], target, f"{stage.method} + {stage.allocation} (alpha={alpha})"
+        )
     return result
-
-

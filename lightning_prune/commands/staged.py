@@ -58,11 +58,23 @@ class StageRun:
 
     def run(self, stage: Stage) -> dict:
         """Run ``stage`` with these options (output in ``runs/<stage name>`` unless given)."""
-        return run_stage(stage, asdict(self), model=self.model, calibration_data=self.calibration_data,
-                         calibration_samples=self.calibration_samples, seed=self.seed, eval_data=self.data,
-                         eval_samples=self.num_samples, seq_len=self.seq_len, batch_size=self.batch_size, dtype=self.dtype,
-                         device=self.device, output_dir=self.output_dir or f"runs/{stage.name}", overwrite=self.overwrite,
-                         dry_run=self.dry_run)
+        return run_stage(
+            stage,
+            asdict(self),
+            model=self.model,
+            calibration_data=self.calibration_data,
+            calibration_samples=self.calibration_samples,
+            seed=self.seed,
+            eval_data=self.data,
+            eval_samples=self.num_samples,
+            seq_len=self.seq_len,
+            batch_size=self.batch_size,
+            dtype=self.dtype,
+            device=self.device,
+            output_dir=self.output_dir or f"runs/{stage.name}",
+            overwrite=self.overwrite,
+            dry_run=self.dry_run,
+        )
 
 
 def _calibration(stage: Stage, tokenizer, source: str, *, seq_len: int, num_samples: int, seed: int):
@@ -72,15 +84,31 @@ def _calibration(stage: Stage, tokenizer, source: str, *, seq_len: int, num_samp
     if is_task(source):
         from lightning_prune.commands.score import load_scoring_data
 
-        scoring, blocks = load_scoring_data(tokenizer, source, getattr(stage, "metric", ""), seq_len=seq_len,
-                                            num_samples=num_samples, seed=seed)
+        scoring, blocks = load_scoring_data(
+            tokenizer, source, getattr(stage, "metric", ""), seq_len=seq_len, num_samples=num_samples, seed=seed
+        )
         return blocks, scoring
     return load_blocks(tokenizer, source, split="validation", seq_len=seq_len, num_samples=num_samples, seed=seed), None
 
 
-def run_stage(stage: Stage, settings: dict, *, model: str, calibration_data: str, calibration_samples: int, seed: int,
-              eval_data: str, eval_samples: int, seq_len: int, batch_size: int, dtype: str, device: str,
-              output_dir: str, overwrite: bool, dry_run: bool) -> dict:
+def run_stage(
+    stage: Stage,
+    settings: dict,
+    *,
+    model: str,
+    calibration_data: str,
+    calibration_samples: int,
+    seed: int,
+    eval_data: str,
+    eval_samples: int,
+    seq_len: int,
+    batch_size: int,
+    dtype: str,
+    device: str,
+    output_dir: str,
+    overwrite: bool,
+    dry_run: bool,
+) -> dict:
     """Run one stage as a command; returns the ``metrics.json`` body plus the decision."""
     if dry_run and overwrite:
         raise InputError("--dry_run writes only decisions.json and keeps what is there; drop --overwrite")
@@ -105,8 +133,12 @@ def run_stage(stage: Stage, settings: dict, *, model: str, calibration_data: str
         print(format_plan([decision], summary_before, model_summary(lm)))
         return {"dry_run": True, "plan": str(run.path / "decisions.json"), "decision": decision.summary()}
     after = evaluation.evaluate(lm, batch_size=batch_size)
-    settings = {**settings, "stage": {"name": stage.name, **asdict(stage)}, "data_files": evaluation.files,
-                "calibration_file": calibration_data if is_task(calibration_data) else data_location(calibration_data, "validation")}
+    settings = {
+        **settings,
+        "stage": {"name": stage.name, **asdict(stage)},
+        "data_files": evaluation.files,
+        "calibration_file": calibration_data if is_task(calibration_data) else data_location(calibration_data, "validation"),
+    }
     run.save_model(lm, tokenizer)
     run.write_plan(plan, plan_tensors([decision]))
     run.write_config(settings)

@@ -43,7 +43,9 @@ def check_foldable(model: nn.Module, what: str = "magnitude compensation") -> No
     """Refuse models where scaling the residual stream cannot be folded exactly (post-norm, OPT project_in)."""
     anatomy = Anatomy(model)
     if not anatomy.is_pre_norm:
-        raise InputError(f"{what} is not exact for post-norm blocks ({anatomy.family} with do_layer_norm_before=False); use --compensation none")
+        raise InputError(
+            f"{what} is not exact for post-norm blocks ({anatomy.family} with do_layer_norm_before=False); use --compensation none"
+        )
     if getattr(attrgetter(anatomy.spec.layers.rsplit(".", 1)[0])(model), "project_in", None) is not None:
         raise InputError(f"{what} is not exact for {anatomy.family} with project_in (word_embed_proj_dim != hidden_size)")
 

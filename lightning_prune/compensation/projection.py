@@ -95,7 +95,9 @@ def reconstruction_data(original: nn.Module, model: nn.Module, blocks, position:
     return torch.cat(ys), torch.cat(rs)
 
 
-def learn_projection(y, r, *, steps: int = 200, lr: float = 1e-3, reg: float = 1e-3, tokens_per_step: int = 1024, seed: int = 0, reduce=None):
+def learn_projection(
+    y, r, *, steps: int = 200, lr: float = 1e-3, reg: float = 1e-3, tokens_per_step: int = 1024, seed: int = 0, reduce=None
+):
     """Adam on mean((Y W'ᵀ − R)²) + reg‖W' − I‖²_F from W' = I (Eq. 10-12); returns (W', loss before, loss after)."""
     dim = y.shape[1]
     eye = torch.eye(dim)
@@ -212,8 +214,16 @@ class ProjectionCompensation:
 
     name = "projection"
 
-    def __init__(self, steps: int = 200, lr: float = 1e-3, reg: float = 1e-3, *, solver: str = "closed_form",
-                 reg_grid: tuple[float, ...] = REG_GRID, holdout: float = 0.25):
+    def __init__(
+        self,
+        steps: int = 200,
+        lr: float = 1e-3,
+        reg: float = 1e-3,
+        *,
+        solver: str = "closed_form",
+        reg_grid: tuple[float, ...] = REG_GRID,
+        holdout: float = 0.25,
+    ):
         if solver not in SOLVERS:
             raise InputError(f"projection solver {solver!r} is not known; choose one of {', '.join(SOLVERS)}")
         self.steps, self.lr, self.reg = steps, lr, reg
@@ -251,7 +261,5 @@ class ProjectionCompensation:
                 y, r, steps=self.steps, lr=self.lr, reg=self.reg, seed=options.seed, reduce=options.reduce
             )
             return projection, before, after, {"solver": "adam", "reg": self.reg}
-        projection, before, after, reg, errors = solve_projection(
-            y, r, reg_grid=self.reg_grid, holdout=self.holdout, reduce=options.reduce
-        )
+        projection, before, after, reg, errors = solve_projection(y, r, reg_grid=self.reg_grid, holdout=self.holdout, reduce=options.reduce)
         return projection, before, after, {"solver": "closed_form", "reg": reg, "heldout_mse": {str(k): v for k, v in errors.items()}}

@@ -99,7 +99,9 @@ def encode_items(tokenizer, items: list[MultipleChoiceItem]) -> list[EncodedItem
             whole = _ids(tokenizer, item.query + TARGET_DELIMITER + choice)
             continuation = whole[len(context) :] or whole[-1:]
             continuations.append(torch.tensor(continuation, dtype=torch.long))
-        encoded.append(EncodedItem(torch.tensor(context, dtype=torch.long), tuple(continuations), tuple(len(c) for c in item.choices), item.gold))
+        encoded.append(
+            EncodedItem(torch.tensor(context, dtype=torch.long), tuple(continuations), tuple(len(c) for c in item.choices), item.gold)
+        )
     return encoded
 
 

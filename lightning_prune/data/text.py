@@ -147,9 +147,7 @@ def token_blocks(
     return blocks[torch.randperm(available, generator=generator)[:num_samples]].clone()
 
 
-def load_blocks(
-    tokenizer, source: str, *, split: str, seq_len: int, num_samples: int | None, seed: int | None = None
-) -> torch.Tensor:
+def load_blocks(tokenizer, source: str, *, split: str, seq_len: int, num_samples: int | None, seed: int | None = None) -> torch.Tensor:
     """Read, tokenize and cut a data source in one call (see :func:`token_blocks`)."""
     ids = tokenize_text(tokenizer, read_text(source, split))
     return token_blocks(ids, seq_len, num_samples, seed=seed, source=repr(source))

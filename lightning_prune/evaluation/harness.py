@@ -124,12 +124,23 @@ def evaluate_tasks(
         manager = TaskManager(include_path=directory, include_defaults=False)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         output = lm_eval.simple_evaluate(
-            model=lm, tasks=list(files), task_manager=manager, num_fewshot=num_fewshot, limit=limit,
-            log_samples=False, bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,
-            torch_random_seed=seed, fewshot_random_seed=seed,
+            model=lm,
+            tasks=list(files),
+            task_manager=manager,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            log_samples=False,
+            bootstrap_iters=1000,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
         )
     model.train(was_training)
-    return {"tasks": {name: _task_scores(output, name) for name in files}, "settings": _settings(files, limit, num_fewshot, batch_size, seed)}
+    return {
+        "tasks": {name: _task_scores(output, name) for name in files},
+        "settings": _settings(files, limit, num_fewshot, batch_size, seed),
+    }
 
 
 def _task_scores(output: dict, name: str) -> dict:
@@ -150,8 +161,10 @@ def _settings(files: dict[str, Path], limit: int | None, num_fewshot: int, batch
         "harness": f"lm_eval {metadata.version('lm_eval')}",
         "task_files": {name: str(path) for name, path in files.items()},
         "prompt_format": PROMPT_FORMAT,
-        "metrics": {"acc": "arg-max of summed choice log-likelihood",
-                    "acc_norm": "arg-max of log-likelihood / choice length in characters"},
+        "metrics": {
+            "acc": "arg-max of summed choice log-likelihood",
+            "acc_norm": "arg-max of log-likelihood / choice length in characters",
+        },
         "num_fewshot": num_fewshot,
         "limit": limit,
         "batch_size": batch_size,

@@ -15,9 +15,7 @@ __all__ = ["perplexity"]
 
 
 @torch.no_grad()
-def perplexity(
-    model: nn.Module, blocks: torch.Tensor, *, batch_size: int = 8, progress: bool = True, desc: str = "perplexity"
-) -> float:
+def perplexity(model: nn.Module, blocks: torch.Tensor, *, batch_size: int = 8, progress: bool = True, desc: str = "perplexity") -> float:
     """Perplexity of ``model`` on ``blocks`` (N, T): every block predicts its tokens 1..T-1.
 
     Logits are taken in fp32, so the value equals ``exp`` of the mean Hugging Face

@@ -30,7 +30,9 @@ def score_bars(scores: Sequence[float | None], path: str | Path, *, title: str, 
 
 def relevance_heatmap(panels: dict[str, dict[str, Sequence[float | None]]], path: str | Path, *, title: str) -> Path:
     """One heatmap panel per metric: rows are layers, columns the tasks (``panels[metric][task]``)."""
-    figure, axes = plt.subplots(1, len(panels), figsize=(3 + 2.2 * len(panels) * max(len(p) for p in panels.values()) / 3, 7), squeeze=False)
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(3 + 2.2 * len(panels) * max(len(p) for p in panels.values()) / 3, 7), squeeze=False
+    )
     for axis, (metric, columns) in zip(axes[0], panels.items()):
         names = list(columns)
         matrix = [[float("nan") if v is None else v for v in columns[name]] for name in names]

@@ -36,15 +36,16 @@ class EvaluationData:
             raise InputError("--data names no data; pass wikitext2, c4 or a text/jsonl file")
         self.split = split
         self.blocks = {
-            data_key(source): load_blocks(tokenizer, source, split=split, seq_len=seq_len, num_samples=num_samples)
-            for source in sources
+            data_key(source): load_blocks(tokenizer, source, split=split, seq_len=seq_len, num_samples=num_samples) for source in sources
         }
         self.files = {data_key(source): data_location(source, split) for source in sources}
 
     def evaluate(self, model, *, batch_size: int, progress: bool = True) -> dict:
         """Perplexity per source plus layer and parameter counts."""
-        scores = {key: perplexity(model, blocks, batch_size=batch_size, desc=f"perplexity {key}", progress=progress)
-                  for key, blocks in self.blocks.items()}
+        scores = {
+            key: perplexity(model, blocks, batch_size=batch_size, desc=f"perplexity {key}", progress=progress)
+            for key, blocks in self.blocks.items()
+        }
         return {"perplexity": scores, **model_summary(model)}
 
 
@@ -105,7 +106,8 @@ class EvaluationSuite:
         if tasks:
             from lightning_prune.evaluation.harness import evaluate_tasks
 
-            accuracy = evaluate_tasks(model, tokenizer, tasks, task_dir=self.task_dir, limit=self.limit,
-                                      num_fewshot=self.num_fewshot, batch_size=self.batch_size)
+            accuracy = evaluate_tasks(
+                model, tokenizer, tasks, task_dir=self.task_dir, limit=self.limit, num_fewshot=self.num_fewshot, batch_size=self.batch_size
+            )
             values["tasks"], self.harness = accuracy["tasks"], accuracy["settings"]
         return values

@@ -120,9 +120,7 @@ def full_accuracy(model: nn.Module, prepared: AccuracyData, options: ScoringOpti
 def relevance_from_accuracy(accuracies: torch.Tensor, full: float, chance: float) -> torch.Tensor:
     """Eq. 3 on a vector of accuracies without each layer; refuses a full model at or below chance."""
     if full <= chance:
-        raise InputError(
-            f"full-model accuracy {full:.4f} is not above chance {chance:.4f}; accuracy relevance is undefined (002 Eq. 3)"
-        )
+        raise InputError(f"full-model accuracy {full:.4f} is not above chance {chance:.4f}; accuracy relevance is undefined (002 Eq. 3)")
     return (1 - torch.clamp(accuracies - chance, min=0) / (full - chance)).float()
 
 

@@ -51,7 +51,9 @@ def sbi(model: nn.Module, data, options: ScoringOptions) -> torch.Tensor:
     blocks = check_blocks(data, "sbi")
     num_layers, skip = Anatomy(model).num_layers, options.block_size
     if not 1 <= skip < num_layers:
-        raise InputError(f"block_size={skip} (layers skipped in an SBI window, m') must be in 1..{num_layers - 1} "
-                         f"for a {num_layers}-layer model; 1 gives CoMe's two-layer windows")
+        raise InputError(
+            f"block_size={skip} (layers skipped in an SBI window, m') must be in 1..{num_layers - 1} "
+            f"for a {num_layers}-layer model; 1 gives CoMe's two-layer windows"
+        )
     window = span_influence(model, blocks, skip + 1, options)[: num_layers - skip]
     return layer_scores_from_windows(window, skip)

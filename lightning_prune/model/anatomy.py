@@ -64,9 +64,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
-    "qwen3": FamilySpec(
-        **{**_LLAMA_LIKE.__dict__, "attention_norms": ("self_attn.q_norm", "self_attn.k_norm")}
-    ),
+    "qwen3": FamilySpec(**{**_LLAMA_LIKE.__dict__, "attention_norms": ("self_attn.q_norm", "self_attn.k_norm")}),
     "opt": FamilySpec(
         layers="model.decoder.layers",
         embed_tokens="model.decoder.embed_tokens",
@@ -93,9 +91,7 @@ def family_spec(config) -> FamilySpec:
     """Return the :class:`FamilySpec` for a config, or raise naming the supported families."""
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
-        raise InputError(
-            f"unsupported architecture {model_type!r}; supported model types: {', '.join(SUPPORTED_FAMILIES)}"
-        )
+        raise InputError(f"unsupported architecture {model_type!r}; supported model types: {', '.join(SUPPORTED_FAMILIES)}")
     return FAMILIES[model_type]
 
 

@@ -117,12 +117,16 @@ class LayerwiseDistillation(CausalLMModule):
         """Record the merge (``groups[b]`` = original layers of student layer b) and unfreeze merged layers."""
         depth, teacher_depth = Anatomy(self.model).num_layers, Anatomy(self.teacher).num_layers
         if len(groups) != depth or sum(len(g) for g in groups) != teacher_depth:
-            raise InputError(f"merge groups for {len(groups)} layers / {sum(len(g) for g in groups)} originals do not fit "
-                             f"a {depth}-layer student of a {teacher_depth}-layer teacher")
+            raise InputError(
+                f"merge groups for {len(groups)} layers / {sum(len(g) for g in groups)} originals do not fit "
+                f"a {depth}-layer student of a {teacher_depth}-layer teacher"
+            )
         mapping = layer_mapping(groups)
         if self.hparams.mode == "mp" and len(self.hparams.learning_rates) < len(mapping):
-            raise InputError(f"learning_rates has {len(self.hparams.learning_rates)} entries but the merge produced "
-                             f"{len(mapping)} merged layers; give at least {len(mapping)} learning rates, shallow -> deep")
+            raise InputError(
+                f"learning_rates has {len(self.hparams.learning_rates)} entries but the merge produced "
+                f"{len(mapping)} merged layers; give at least {len(mapping)} learning rates, shallow -> deep"
+            )
         self.groups, self.mapping = [list(g) for g in groups], mapping
         self.model.requires_grad_(False)
         for entry in mapping:
@@ -155,8 +159,13 @@ class LayerwiseDistillation(CausalLMModule):
             raise InputError("no merged layers to distil; add a merge stage (recipe: stages: [merge])")
         hp = self.hparams
         if hp.mode == "sp":
-            return adamw_cosine(self.trainable_parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay,
-                                warmup_steps=hp.warmup_steps, total_steps=self.trainer.estimated_stepping_batches)
+            return adamw_cosine(
+                self.trainable_parameters(),
+                lr=hp.learning_rate,
+                weight_decay=hp.weight_decay,
+                warmup_steps=hp.warmup_steps,
+                total_steps=self.trainer.estimated_stepping_batches,
+            )
         configured = []
         for k, entry in enumerate(self.mapping):
             optimizer = torch.optim.AdamW(self._layer(entry).parameters(), lr=hp.learning_rates[k], weight_decay=hp.weight_decay)

@@ -83,8 +83,7 @@ class HealingModule(CausalLMModule):
         if compute_dtype not in DTYPES:
             raise InputError(f"compute_dtype {compute_dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
         check_bitsandbytes(quantize)
-        super().__init__(model=model, dtype=dtype, learning_rate=learning_rate, weight_decay=weight_decay,
-                         warmup_steps=warmup_steps)
+        super().__init__(model=model, dtype=dtype, learning_rate=learning_rate, weight_decay=weight_decay, warmup_steps=warmup_steps)
         self.save_hyperparameters()
         self.fingerprint: dict | None = None
         self.strict_loading = quantize is None  # QLoRA: the 4-bit base is rebuilt, not loaded (keys checked on load)
@@ -97,8 +96,14 @@ class HealingModule(CausalLMModule):
 
     def lora_config(self) -> LoraConfig:
         hp = self.hparams
-        return LoraConfig(r=hp.lora_rank, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
-                          target_modules=list(hp.target_modules), bias="none", task_type="CAUSAL_LM")
+        return LoraConfig(
+            r=hp.lora_rank,
+            lora_alpha=hp.lora_alpha,
+            lora_dropout=hp.lora_dropout,
+            target_modules=list(hp.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
 
     def setup(self, stage: str) -> None:
         """After the callbacks' ``setup`` (pruning): quantise (QLoRA) and attach adapters, once."""
@@ -110,8 +115,9 @@ class HealingModule(CausalLMModule):
         model = self.model
         if hp.quantize:
             model = quantize_model(model, quant_type=hp.quantize, compute_dtype=hp.compute_dtype, double_quant=hp.double_quant)
-        self.model = attach_adapters(model, self.lora_config(), quantized=bool(hp.quantize),
-                                     gradient_checkpointing=hp.gradient_checkpointing)
+        self.model = attach_adapters(
+            model, self.lora_config(), quantized=bool(hp.quantize), gradient_checkpointing=hp.gradient_checkpointing
+        )
         self.model.peft_config["default"].base_model_name_or_path = hp.model  # before pruning; see docs/healing.md
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         expected = adapter_parameter_count(self.model, hp.lora_rank)
@@ -139,12 +145,16 @@ class HealingModule(CausalLMModule):
         if stored is None:
             raise InputError("checkpoint was not written by HealingModule; resume only from a healing run's checkpoint")
         if stored["fingerprint"] != self.fingerprint:
-            raise InputError(f"checkpoint is from model {stored['model']!r} {stored['fingerprint']}, "
-                             f"but this run heals {self.hparams.model!r} {self.fingerprint}; pass the checkpoint of this model")
+            raise InputError(
+                f"checkpoint is from model {stored['model']!r} {stored['fingerprint']}, "
+                f"but this run heals {self.hparams.model!r} {self.fingerprint}; pass the checkpoint of this model"
+            )
         rebuilt = set(self._rebuilt_keys())
         live = {k: tuple(v.shape) for k, v in self.state_dict().items() if k not in rebuilt}
         shapes = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
         wrong = sorted(set(shapes) ^ set(live)) + sorted(k for k in set(shapes) & set(live) if shapes[k] != live[k])
         if wrong:
-            raise InputError(f"checkpoint does not fit this run's architecture ({len(wrong)} mismatched tensors, first "
-                             f"{wrong[0]!r}); it was written with other pruning/LoRA settings")
+            raise InputError(
+                f"checkpoint does not fit this run's architecture ({len(wrong)} mismatched tensors, first "
+                f"{wrong[0]!r}); it was written with other pruning/LoRA settings"
+            )

@@ -84,9 +84,7 @@ def default_alpha(allocation: str, sparsity: float, pattern: NMPattern | None = 
 def check_statistic_options(dlp_statistic: str, owl_m: float) -> None:
     """Raise :class:`InputError` unless ``dlp_statistic`` is median/mean and ``owl_m`` > 0."""
     if dlp_statistic not in DLP_STATISTICS:
-        raise InputError(
-            f"dlp_statistic={dlp_statistic!r} is not known; choose 'median' (003 Eq. 5) or 'mean' (DLP's released code)"
-        )
+        raise InputError(f"dlp_statistic={dlp_statistic!r} is not known; choose 'median' (003 Eq. 5) or 'mean' (DLP's released code)")
     if not owl_m > 0:
         raise InputError(f"owl_m={owl_m} must be > 0; OWL uses 5 (003 §3.3 also tries 7)")
 
@@ -136,9 +134,7 @@ def check_allocation(
     return alpha
 
 
-def layer_statistic(
-    allocation: str, scores: torch.Tensor, *, dlp_statistic: str = "median", owl_m: float = OWL_OUTLIER_MULTIPLE
-) -> float:
+def layer_statistic(allocation: str, scores: torch.Tensor, *, dlp_statistic: str = "median", owl_m: float = OWL_OUTLIER_MULTIPLE) -> float:
     """The per-layer value an allocation needs from the layer's flattened Wanda scores.
 
     Args:

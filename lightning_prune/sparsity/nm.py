@@ -48,8 +48,7 @@ def resolve_sparsity(sparsity: float | None, pattern: NMPattern | None) -> float
         return DEFAULT_SPARSITY if sparsity is None else float(sparsity)
     if sparsity is not None and abs(float(sparsity) - pattern.sparsity) > 1e-9:
         raise InputError(
-            f"sparsity={sparsity} contradicts structure {pattern} (sparsity {pattern.sparsity:g}); "
-            "leave sparsity unset or make it match"
+            f"sparsity={sparsity} contradicts structure {pattern} (sparsity {pattern.sparsity:g}); leave sparsity unset or make it match"
         )
     return pattern.sparsity
 
@@ -80,8 +79,7 @@ def check_widths(model_or_config, pattern: NMPattern) -> None:
     for name, width in widths.items():
         if width % pattern.m:
             raise InputError(
-                f"structure {pattern} needs input widths divisible by {pattern.m}, but {name} has "
-                f"{width}; choose M dividing {width}"
+                f"structure {pattern} needs input widths divisible by {pattern.m}, but {name} has {width}; choose M dividing {width}"
             )
 
 

@@ -84,14 +84,8 @@ class InputStatistics:
 @contextmanager
 def collect_statistics(linears: dict[str, nn.Module], *, hessian: bool) -> Iterator[dict[str, InputStatistics]]:
     """Forward hooks that fill one :class:`InputStatistics` per named linear while the block runs."""
-    stats = {
-        name: InputStatistics(module.in_features, hessian=hessian, device=module.weight.device)
-        for name, module in linears.items()
-    }
-    handles = [
-        module.register_forward_pre_hook(lambda m, args, name=name: stats[name].update(args[0]))
-        for name, module in linears.items()
-    ]
+    stats = {name: InputStatistics(module.in_features, hessian=hessian, device=module.weight.device) for name, module in linears.items()}
+    handles = [module.register_forward_pre_hook(lambda m, args, name=name: stats[name].update(args[0])) for name, module in linears.items()]
     try:
         yield stats
     finally:

@@ -121,9 +121,7 @@ def _linears(anatomy: Anatomy, position: int) -> dict[str, nn.Module]:
     return {role: base_linear(module) for role, module in anatomy.linears(anatomy.layers[position]).items()}
 
 
-def _allocation_statistics(
-    model, inputs: LayerInputs, allocations, progress: bool, **statistic_options
-) -> dict[str, list[float]]:
+def _allocation_statistics(model, inputs: LayerInputs, allocations, progress: bool, **statistic_options) -> dict[str, list[float]]:
     """Dense pass: each layer's statistic of its concatenated Wanda scores (003 Algorithm 1 lines 4–5).
 
     ``statistic_options``: ``dlp_statistic`` / ``owl_m`` of :func:`layer_statistic`.

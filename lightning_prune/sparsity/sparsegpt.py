@@ -71,9 +71,7 @@ def _block_counts(counts: torch.Tensor, start: int, end: int, cols: int) -> torc
     return upto - before
 
 
-def _unstructured_block_mask(
-    scores: torch.Tensor, counts: torch.Tensor, start: int, end: int, cols: int, mask_rule: str
-) -> torch.Tensor:
+def _unstructured_block_mask(scores: torch.Tensor, counts: torch.Tensor, start: int, end: int, cols: int, mask_rule: str) -> torch.Tensor:
     """Keep mask of one block (rows × width) from its OBS scores ``w² / [U]_jj²``.
 
     ``"block"``: the block's share of ``counts.sum()`` lowest scores over all rows together

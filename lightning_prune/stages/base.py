@@ -97,6 +97,7 @@ class Stage(ABC):
         """Whether :meth:`plan` needs calibration token blocks."""
 
     @abstractmethod
-    def plan(self, model: nn.Module, calibration: torch.Tensor | None, *, reduce: Reduce = identity_reduce,
-             progress: bool = True) -> Decision:
+    def plan(
+        self, model: nn.Module, calibration: torch.Tensor | None, *, reduce: Reduce = identity_reduce, progress: bool = True
+    ) -> Decision:
         """Decide on calibration blocks (N, T), change ``model`` in place and return the decision."""

@@ -57,13 +57,23 @@ class MergeStage(Stage):
     def needs_calibration(self) -> bool:
         return True
 
-    def plan(self, model: nn.Module, calibration: torch.Tensor | None, *, reduce: Reduce = identity_reduce,
-             progress: bool = True) -> "MergeDecision":
+    def plan(
+        self, model: nn.Module, calibration: torch.Tensor | None, *, reduce: Reduce = identity_reduce, progress: bool = True
+    ) -> "MergeDecision":
         target = self.check(model.config).num_hidden_layers
         if calibration is None:
             raise InputError("merge needs calibration token blocks")
-        record = merge_model(model, list(calibration.split(self.batch_size)), target, method=self.method, p=self.p,
-                             rho=self.rho, remerge=self.remerge, grid=self.grid, progress=progress)
+        record = merge_model(
+            model,
+            list(calibration.split(self.batch_size)),
+            target,
+            method=self.method,
+            p=self.p,
+            rho=self.rho,
+            remerge=self.remerge,
+            grid=self.grid,
+            progress=progress,
+        )
         decision = MergeDecision({**record.to_dict(), "settings": asdict(self)})
         decision.capture_weights(model)
         return decision
@@ -88,15 +98,18 @@ class MergeDecision(Decision):
     def capture_weights(self, model: nn.Module) -> None:
         """Keep a copy of every merged layer's parameters (CPU) for a data-free replay."""
         layers = Anatomy(model).layers
-        self._tensors = {f"layers.{b}.{name}": value.detach().cpu().clone()
-                         for b in self.merged_positions() for name, value in layers[b].state_dict().items()}
+        self._tensors = {
+            f"layers.{b}.{name}": value.detach().cpu().clone()
+            for b in self.merged_positions()
+            for name, value in layers[b].state_dict().items()
+        }
 
     def apply(self, model: nn.Module) -> None:
         rebuild_merged_architecture(model, self.groups)
         layers = Anatomy(model).layers
         for b in self.merged_positions():
             prefix = f"layers.{b}."
-            state = {key[len(prefix):]: value for key, value in self._tensors.items() if key.startswith(prefix)}
+            state = {key[len(prefix) :]: value for key, value in self._tensors.items() if key.startswith(prefix)}
             if state:
                 layers[b].load_state_dict(state, strict=True)
 

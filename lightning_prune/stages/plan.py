@@ -23,17 +23,39 @@ from lightning_prune.stages.prune import PruneDecision, PruneStage
 from lightning_prune.stages.sparsify import SparsifyStage, SparsityDecision
 
 __all__ = [
-    "STAGES", "DECISIONS", "PLAN_NAME", "PLAN_TENSORS_NAME", "PLAN_FORMAT", "fingerprint", "check_stages",
-    "plan_json", "plan_tensors", "decisions_from", "read_plan", "check_fingerprint", "apply_decisions",
-    "CHECKPOINT_KEY", "checkpoint_entry", "checkpoint_decisions", "same_decisions", "format_plan",
+    "STAGES",
+    "DECISIONS",
+    "PLAN_NAME",
+    "PLAN_TENSORS_NAME",
+    "PLAN_FORMAT",
+    "fingerprint",
+    "check_stages",
+    "plan_json",
+    "plan_tensors",
+    "decisions_from",
+    "read_plan",
+    "check_fingerprint",
+    "apply_decisions",
+    "CHECKPOINT_KEY",
+    "checkpoint_entry",
+    "checkpoint_decisions",
+    "same_decisions",
+    "format_plan",
 ]
 CHECKPOINT_KEY = "decisions"
 
 STAGES: dict[str, type[Stage]] = {"prune": PruneStage, "merge": MergeStage, "sparsify": SparsifyStage}
 DECISIONS: dict[str, type[Decision]] = {"prune": PruneDecision, "merge": MergeDecision, "sparsify": SparsityDecision}
 PLAN_NAME, PLAN_TENSORS_NAME, PLAN_FORMAT = "decisions.json", "decisions.safetensors", 1
-_FINGERPRINT_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                     "num_key_value_heads", "vocab_size")
+_FINGERPRINT_KEYS = (
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
 
 
 def fingerprint(config) -> dict:
@@ -50,8 +72,10 @@ def check_stages(stages: Sequence[Stage], config):
     names = [stage.name for stage in stages]
     for name in set(names):
         if names.count(name) > 1:
-            raise InputError(f"stage {name!r} appears {names.count(name)} times; give each stage once (one stage can remove several layers)")
-    if "sparsify" in names and any(n in ("prune", "merge") for n in names[names.index("sparsify") + 1:]):
+            raise InputError(
+                f"stage {name!r} appears {names.count(name)} times; give each stage once (one stage can remove several layers)"
+            )
+    if "sparsify" in names and any(n in ("prune", "merge") for n in names[names.index("sparsify") + 1 :]):
         raise InputError(f"stage order {names} removes or merges layers after sparsify; put sparsify last (its masks are per layer)")
     current = copy.deepcopy(config)
     for stage in stages:
@@ -83,7 +107,7 @@ def decisions_from(data: dict, tensors: dict[str, torch.Tensor], where: str = "p
         if kind not in DECISIONS:
             raise InputError(f"{where}: decision {index} has kind {kind!r}; known kinds: {', '.join(DECISIONS)}")
         prefix = f"{index}/"
-        own = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+        own = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
         body = {key: value for key, value in entry.items() if key != "kind"}
         decisions.append(DECISIONS[kind].from_json(body, own))
     return decisions

@@ -98,22 +98,39 @@ class PruneStage(Stage):
     def needs_calibration(self) -> bool:
         return self.layers is None or self.compensation != "none"
 
-    def plan(self, model: nn.Module, calibration: torch.Tensor | None, *, reduce: Reduce = identity_reduce,
-             progress: bool = True, scoring_data=None) -> "PruneDecision":
+    def plan(
+        self,
+        model: nn.Module,
+        calibration: torch.Tensor | None,
+        *,
+        reduce: Reduce = identity_reduce,
+        progress: bool = True,
+        scoring_data=None,
+    ) -> "PruneDecision":
         """Score on ``scoring_data`` (default: the calibration blocks), remove, compensate."""
         if self.compensation != "none":
             make_compensation(self.compensation).check(model)
         options = ScoringOptions(batch_size=self.batch_size, seed=self.seed, reduce=reduce, progress=progress)
         data = calibration if scoring_data is None else scoring_data
         record = prune_layers(
-            model, data, metric=self.metric, selection=self.selection, num_layers=self.num_layers, ratio=self.ratio,
-            compensation=self.compensation, protect=(self.protect_first, self.protect_last), layers=self.layers,
-            calibration_blocks=calibration, options=options,
+            model,
+            data,
+            metric=self.metric,
+            selection=self.selection,
+            num_layers=self.num_layers,
+            ratio=self.ratio,
+            compensation=self.compensation,
+            protect=(self.protect_first, self.protect_last),
+            layers=self.layers,
+            calibration_blocks=calibration,
+            options=options,
         )
         tensors = {}
         if record.get("compensation") == "projection":
             position = record["kept_layers"].index(record["compensation_final"]["layer"])
-            tensors["projection.down_proj"] = Anatomy(model).part(Anatomy(model).layers[position], "down_proj").weight.detach().cpu().clone()
+            tensors["projection.down_proj"] = (
+                Anatomy(model).part(Anatomy(model).layers[position], "down_proj").weight.detach().cpu().clone()
+            )
         return PruneDecision({**record, "settings": asdict(self)}, tensors)
 
 

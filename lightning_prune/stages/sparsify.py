@@ -63,8 +63,7 @@ class SparsifyStage(Stage):
         check_magnitude_scope(self.magnitude_scope)
         pattern = parse_pattern(self.structure)
         target = resolve_sparsity(self.sparsity, pattern)
-        alpha = check_allocation(self.allocation, target, self.alpha, pattern=pattern, dlp_statistic=self.dlp_statistic,
-                                 owl_m=self.owl_m)
+        alpha = check_allocation(self.allocation, target, self.alpha, pattern=pattern, dlp_statistic=self.dlp_statistic, owl_m=self.owl_m)
         if pattern and self.allocation != "uniform":
             check_mixed(pattern)
         return pattern, target, alpha
@@ -80,18 +79,33 @@ class SparsifyStage(Stage):
     def needs_calibration(self) -> bool:
         return self.method != "magnitude" or self.allocation != "uniform"
 
-    def plan(self, model: nn.Module, calibration: torch.Tensor | None, *, reduce: Reduce = identity_reduce,
-             progress: bool = True) -> "SparsityDecision":
+    def plan(
+        self, model: nn.Module, calibration: torch.Tensor | None, *, reduce: Reduce = identity_reduce, progress: bool = True
+    ) -> "SparsityDecision":
         pattern, target, alpha = self.resolved()
         device = next(model.parameters()).device
         blocks = calibration.to(device) if calibration is not None else None
-        result = sparsify(model, blocks, method=self.method, allocation=self.allocation, sparsity=target, alpha=alpha,
-                          pattern=pattern, batch_size=self.batch_size, progress=progress, mask_rule=self.mask_rule,
-                          magnitude_scope=self.magnitude_scope, dlp_statistic=self.dlp_statistic, owl_m=self.owl_m)
+        result = sparsify(
+            model,
+            blocks,
+            method=self.method,
+            allocation=self.allocation,
+            sparsity=target,
+            alpha=alpha,
+            pattern=pattern,
+            batch_size=self.batch_size,
+            progress=progress,
+            mask_rule=self.mask_rule,
+            magnitude_scope=self.magnitude_scope,
+            dlp_statistic=self.dlp_statistic,
+            owl_m=self.owl_m,
+        )
         record = {
             "settings": {**asdict(self), "sparsity": target, "alpha": alpha},
-            "layer_sparsity": result.layer_sparsity, "layer_statistic": result.layer_statistic,
-            "layer_patterns": result.layer_patterns, "measured": measure_sparsity(model),
+            "layer_sparsity": result.layer_sparsity,
+            "layer_statistic": result.layer_statistic,
+            "layer_patterns": result.layer_patterns,
+            "measured": measure_sparsity(model),
         }
         weights = {}
         if self.method == "sparsegpt":  # SparseGPT also updates the kept weights (OBS): the masks alone do not replay it
@@ -116,7 +130,9 @@ class SparsityDecision(Decision):
             raise InputError(f"the sparsity plan names {missing[0]!r}, which this model does not have ({len(missing)} missing)")
         for name, mask in self.masks.items():
             if tuple(mask.shape) != tuple(linears[name].weight.shape):
-                raise InputError(f"sparsity mask {name!r} has shape {tuple(mask.shape)}, the model's weight {tuple(linears[name].weight.shape)}")
+                raise InputError(
+                    f"sparsity mask {name!r} has shape {tuple(mask.shape)}, the model's weight {tuple(linears[name].weight.shape)}"
+                )
         with torch.no_grad():
             for name, weight in self.weights.items():
                 linears[name].weight.copy_(weight.to(linears[name].weight))
@@ -150,13 +166,15 @@ class SparsityDecision(Decision):
         return self.record
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {**{f"mask.{name}": mask for name, mask in self.masks.items()},
-                **{f"weight.{name}": weight for name, weight in self.weights.items()}}
+        return {
+            **{f"mask.{name}": mask for name, mask in self.masks.items()},
+            **{f"weight.{name}": weight for name, weight in self.weights.items()},
+        }
 
     @classmethod
     def from_json(cls, data: dict, tensors: dict[str, torch.Tensor]) -> "SparsityDecision":
-        masks = {key[len("mask."):]: value for key, value in tensors.items() if key.startswith("mask.")}
-        weights = {key[len("weight."):]: value for key, value in tensors.items() if key.startswith("weight.")}
+        masks = {key[len("mask.") :]: value for key, value in tensors.items() if key.startswith("mask.")}
+        weights = {key[len("weight.") :]: value for key, value in tensors.items() if key.startswith("weight.")}
         if not masks:
             raise InputError("sparsity decision has no masks (decisions.safetensors missing or from another plan)")
         return cls(data, masks, weights)
@@ -166,8 +184,10 @@ class SparsityDecision(Decision):
         kept = sum(int(m.sum()) for m in self.masks.values())
         total = sum(m.numel() for m in self.masks.values())
         structure = f", {settings['structure']}" if settings.get("structure") else ""
-        return (f"sparsify: {settings['method']} + {settings['allocation']}{structure}, "
-                f"{1 - kept / max(total, 1):.1%} of {total:,} projection weights zero")
+        return (
+            f"sparsify: {settings['method']} + {settings['allocation']}{structure}, "
+            f"{1 - kept / max(total, 1):.1%} of {total:,} projection weights zero"
+        )
 
     def signature(self) -> str:
         return str([round(s, 6) for s in self.record["layer_sparsity"]])
