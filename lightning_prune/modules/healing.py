@@ -16,6 +16,10 @@ plain full-precision copy (QLoRA: into the dequantised base); ``StageCallback`` 
 Lightning-free, in :mod:`lightning_prune.lora`.
 """
 
+import copy
+from dataclasses import asdict
+
+import torch
 from peft import LoraConfig, PeftModel
 from torch import nn
 
@@ -30,8 +34,10 @@ from lightning_prune.lora import (
     model_fingerprint,
     quantize_model,
 )
-from lightning_prune.model.loading import DTYPES
+from lightning_prune.model.loading import DTYPES, load_model
 from lightning_prune.modules.causal_lm import CausalLMModule
+from lightning_prune.sparsity.masks import unwrap_model
+from lightning_prune.teacher import TeacherDistillation, causal_lm_loss, distillation_kl, final_hidden
 
 __all__ = ["HealingModule"]
 
@@ -58,6 +64,8 @@ class HealingModule(CausalLMModule):
         learning_rate: peak AdamW learning rate (paper 002: 3e-4).
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up optimizer steps before the cosine decay (paper 002: 100).
+        distill: heal on the logits of a frozen teacher (the dense model before the stages by
+            default; Minitron-style forward KL) instead of, or mixed with, the LM loss; unset: LM loss.
     """
 
     def __init__(
@@ -75,6 +83,7 @@ class HealingModule(CausalLMModule):
         learning_rate: float = 3e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 100,
+        distill: TeacherDistillation | None = None,
     ):
         if lora_rank <= 0:
             raise InputError(f"lora_rank {lora_rank} must be a positive integer (paper 002 uses 2)")
@@ -83,16 +92,42 @@ class HealingModule(CausalLMModule):
         if compute_dtype not in DTYPES:
             raise InputError(f"compute_dtype {compute_dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
         check_bitsandbytes(quantize)
+        if isinstance(distill, dict):  # hyper-parameters of a checkpoint store it as plain data
+            distill = TeacherDistillation(**distill)
+        if distill is not None:
+            check_bitsandbytes(distill.quantize)
         super().__init__(model=model, dtype=dtype, learning_rate=learning_rate, weight_decay=weight_decay, warmup_steps=warmup_steps)
         self.save_hyperparameters()
+        self.distill = distill
+        self.hparams.distill = asdict(distill) if distill is not None else None  # plain data: checkpoints load weights_only
         self.fingerprint: dict | None = None
-        self.strict_loading = quantize is None  # QLoRA: the 4-bit base is rebuilt, not loaded (keys checked on load)
+        self.teacher: nn.Module | None = None
+        # QLoRA / a 4-bit teacher: 4-bit weights are rebuilt, not loaded (keys checked on load)
+        self.strict_loading = quantize is None and (distill is None or distill.quantize is None)
 
     def configure_model(self) -> None:
-        """Load the dense model once (no adapters yet: callbacks may still prune it)."""
+        """Load the dense model once (no adapters yet: the stages may still change it), and the teacher."""
         if self.model is None:
             super().configure_model()
             self.fingerprint = model_fingerprint(self.model.config)
+            if self.distill is not None:
+                self.teacher = self._load_teacher(self.distill)
+
+    def _load_teacher(self, distill: TeacherDistillation) -> nn.Module:
+        """The frozen teacher: a copy of the dense model, or another model with the same vocabulary."""
+        if distill.teacher == "original":
+            teacher = copy.deepcopy(self.model)
+        else:
+            teacher = load_model(distill.teacher, dtype=self.hparams.dtype)[0]
+            sizes = (teacher.config.vocab_size, self.model.config.vocab_size)
+            if sizes[0] != sizes[1]:
+                raise InputError(
+                    f"distill teacher {distill.teacher!r} has a vocabulary of {sizes[0]} tokens, the student "
+                    f"{sizes[1]}; logit distillation needs one vocabulary"
+                )
+        if distill.quantize:
+            teacher = quantize_model(teacher, quant_type=distill.quantize, compute_dtype=self.hparams.compute_dtype, double_quant=True)
+        return teacher.eval().requires_grad_(False)
 
     def lora_config(self) -> LoraConfig:
         hp = self.hparams
@@ -123,6 +158,38 @@ class HealingModule(CausalLMModule):
         expected = adapter_parameter_count(self.model, hp.lora_rank)
         assert trainable == expected, f"{trainable} trainable parameters, expected {expected} (LoRA adapters only)"
 
+    def training_step(self, batch: torch.Tensor, batch_index: int) -> torch.Tensor:
+        distill = self.distill
+        if distill is None:
+            return super().training_step(batch, batch_index)
+        kd, lm = self.distillation_losses(batch)
+        loss = distill.alpha * kd + (1 - distill.alpha) * lm if distill.alpha < 1 else kd
+        self.log_dict({"train_loss": loss, "train_kd": kd}, prog_bar=True)
+        return loss
+
+    def distillation_losses(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logit KL to the teacher, LM loss; the latter only when ``alpha < 1``) on one batch of blocks (B, T)."""
+        distill, student = self.distill, unwrap_model(self.model)
+        self.teacher.eval()
+        with torch.no_grad():
+            teacher_hidden = final_hidden(self.teacher, batch)
+        hidden = final_hidden(student, batch)
+        kd = distillation_kl(
+            hidden,
+            teacher_hidden,
+            student.get_output_embeddings(),
+            self.teacher.get_output_embeddings(),
+            temperature=distill.temperature,
+            loss=distill.loss,
+            chunk_tokens=distill.chunk_tokens,
+        )
+        lm = (
+            causal_lm_loss(hidden, student.get_output_embeddings(), batch, chunk_tokens=distill.chunk_tokens)
+            if distill.alpha < 1
+            else kd.new_zeros(())
+        )
+        return kd, lm
+
     def export_model(self) -> nn.Module:
         """The merged plain Hugging Face model (adapters folded into a full-precision copy)."""
         return merged_copy(self.model, self.hparams.dtype)
@@ -133,10 +200,10 @@ class HealingModule(CausalLMModule):
         return [key for key in self.state_dict() if any(key.startswith(p) for p in prefixes)]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Store which model this is; leave out the 4-bit base (QLoRA rebuilds it on resume)."""
+        """Store which model this is; leave out the 4-bit base and the teacher (both are rebuilt on resume)."""
         checkpoint[CHECKPOINT_KEY] = {"model": self.hparams.model, "fingerprint": self.fingerprint}
         dropped = set(self._rebuilt_keys())
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in dropped}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in dropped and not k.startswith("teacher.")}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another model or architecture before any weight is loaded."""
@@ -149,6 +216,8 @@ class HealingModule(CausalLMModule):
                 f"checkpoint is from model {stored['model']!r} {stored['fingerprint']}, "
                 f"but this run heals {self.hparams.model!r} {self.fingerprint}; pass the checkpoint of this model"
             )
+        if self.teacher is not None:  # the live teacher is the dense model again: put it back so the state dict loads
+            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
         rebuilt = set(self._rebuilt_keys())
         live = {k: tuple(v.shape) for k, v in self.state_dict().items() if k not in rebuilt}
         shapes = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
