@@ -33,10 +33,9 @@ from lightning_prune.errors import InputError
 from lightning_prune.evaluation.suite import EvaluationSuite
 from lightning_prune.results import RunDirectory, model_summary, package_versions
 from lightning_prune.sparsity.masks import unwrap_model
-from lightning_prune.stages import (
+from lightning_prune.stages import Decision, Stage
+from lightning_prune.stages.plan import (
     CHECKPOINT_KEY,
-    Decision,
-    Stage,
     apply_decisions,
     check_fingerprint,
     check_stages,

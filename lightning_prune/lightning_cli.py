@@ -30,7 +30,8 @@ from lightning_prune.errors import InputError
 from lightning_prune.evaluation.suite import EvaluationSuite
 from lightning_prune.model.loading import load_config
 from lightning_prune.results import RunDirectory
-from lightning_prune.stages import STAGES, check_stages
+from lightning_prune.stages import STAGES
+from lightning_prune.stages.plan import check_stages
 
 __all__ = ["PruneCLI", "RunConfig", "RecipeParser", "RecipeError"]
 

@@ -21,7 +21,8 @@ from lightning_prune.modules.causal_lm import CausalLMModule
 from lightning_prune.modules.distillation import LayerwiseDistillation
 from lightning_prune.modules.healing import HealingModule
 from lightning_prune.sparsity import prunable_linears
-from lightning_prune.stages import MergeStage, PruneStage, SparsifyStage, check_stages
+from lightning_prune.stages import MergeStage, PruneStage, SparsifyStage
+from lightning_prune.stages.plan import check_stages
 
 SPARSE = dict(method="wanda", allocation="uniform", sparsity=0.5)
 

@@ -13,7 +13,8 @@ from lightning_prune.errors import InputError
 from lightning_prune.merging.distill import BoundaryCache, distillation_loss, hidden_kl, layer_outputs
 from lightning_prune.model.anatomy import Anatomy
 from lightning_prune.modules.distillation import LayerwiseDistillation
-from lightning_prune.stages import MergeDecision, MergeStage, checkpoint_decisions
+from lightning_prune.stages import MergeDecision, MergeStage
+from lightning_prune.stages.plan import checkpoint_decisions
 
 
 def trainer(tmp_path, **options):

@@ -24,7 +24,8 @@ from lightning_prune.data.datamodule import TextDataModule
 from lightning_prune.errors import InputError
 from lightning_prune.evaluation.perplexity import perplexity
 from lightning_prune.modules.healing import HealingModule
-from lightning_prune.stages import PruneStage, checkpoint_decisions
+from lightning_prune.stages import PruneStage
+from lightning_prune.stages.plan import checkpoint_decisions
 
 STEPS, STOP_AT = 6, 3  # 8 batches per epoch: the interruption and the end are both mid-epoch
 

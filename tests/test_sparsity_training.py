@@ -10,7 +10,8 @@ from lightning_prune.callbacks import StageCallback
 from lightning_prune.data.datamodule import TextDataModule
 from lightning_prune.modules.causal_lm import CausalLMModule
 from lightning_prune.sparsity import measure_sparsity, prunable_linears
-from lightning_prune.stages import SparsifyStage, SparsityDecision, checkpoint_decisions, read_plan
+from lightning_prune.stages import SparsifyStage, SparsityDecision
+from lightning_prune.stages.plan import checkpoint_decisions, read_plan
 
 
 class RandomTrainData(TextDataModule):

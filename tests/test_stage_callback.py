@@ -18,7 +18,8 @@ from lightning_prune.callbacks import StageCallback
 from lightning_prune.errors import InputError
 from lightning_prune.importance import ScoringOptions, score_layers
 from lightning_prune.model.anatomy import Anatomy
-from lightning_prune.stages import PruneStage, check_stages, checkpoint_decisions
+from lightning_prune.stages import PruneStage
+from lightning_prune.stages.plan import check_stages, checkpoint_decisions
 
 TESTS = Path(__file__).parent
 BLOCKS = random_ids(8, 24, seed=11)

@@ -9,7 +9,7 @@ masks), so the result has the logits of the model the run saved right after its 
 from lightning_prune.commands.common import load_checked_model
 from lightning_prune.model.loading import load_config
 from lightning_prune.results import RunDirectory, model_summary
-from lightning_prune.stages import apply_decisions, check_fingerprint, fingerprint, format_plan, plan_json, plan_tensors, read_plan
+from lightning_prune.stages.plan import apply_decisions, check_fingerprint, fingerprint, format_plan, plan_json, plan_tensors, read_plan
 
 __all__ = ["apply"]
 

@@ -17,7 +17,8 @@ from lightning_prune.errors import InputError
 from lightning_prune.evaluation.suite import data_location
 from lightning_prune.model.loading import load_config
 from lightning_prune.results import RunDirectory, model_summary
-from lightning_prune.stages import Stage, check_stages, fingerprint, format_plan, plan_json, plan_tensors
+from lightning_prune.stages import Stage
+from lightning_prune.stages.plan import check_stages, fingerprint, format_plan, plan_json, plan_tensors
 
 __all__ = ["StageRun", "run_stage"]
 
