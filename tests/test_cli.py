@@ -143,3 +143,11 @@ def test_data_problems_are_named_before_any_weights_load(capsys, tiny_dir, tmp_p
         code, _, err = run_cli(capsys, *args, "--model", tiny_dir, "--seq_len", 32, "--output_dir", out_dir)
         assert_one_line_error(code, err, fragment)
         assert not out_dir.exists(), args
+
+
+def test_demo_runs_the_prune_heal_recipe_on_a_tiny_model(tiny_dir, tmp_path, capsys):
+    from conftest import make_tiny_model
+    from test_slow_demo import check_demo
+
+    layer = sum(p.numel() for p in make_tiny_model("llama").model.layers[0].parameters())
+    check_demo(tmp_path, capsys, model=str(tiny_dir), depth=6, layer_parameters=layer)
