@@ -151,3 +151,27 @@ def test_demo_runs_the_prune_heal_recipe_on_a_tiny_model(tiny_dir, tmp_path, cap
 
     layer = sum(p.numel() for p in make_tiny_model("llama").model.layers[0].parameters())
     check_demo(tmp_path, capsys, model=str(tiny_dir), depth=6, layer_parameters=layer)
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        (["--device", "foo"], "--device 'foo' is not a device"),
+        (["--device", "cuda:7"], "--device 'cuda:7' is not available here"),
+        (["--dtype", "int8"], "--dtype 'int8' is not supported; choose auto or one of float32"),
+    ],
+)
+def test_bad_device_and_dtype_are_one_line_before_weights_load(capsys, tiny_dir, tmp_path, options, fragment):
+    code, _, err = run_cli(capsys, "evaluate", "--model", tiny_dir, *options, "--output_dir", tmp_path / "e")
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "e").exists()
+
+
+def test_auto_device_and_dtype_resolve_to_what_this_machine_runs():
+    import torch
+
+    from lightning_prune.model.loading import resolve_device, resolve_dtype
+
+    device = resolve_device("auto")
+    assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype("auto", torch.device("cpu")) == "float32"

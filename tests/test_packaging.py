@@ -1,6 +1,5 @@
 """The wheel installs ``callbacks/`` and ``configs/`` inside the package, and no top-level ``callbacks``."""
 
-import shutil
 import subprocess
 import sys
 import zipfile

@@ -17,8 +17,8 @@ __all__ = ["apply"]
 def apply(
     plan: str,
     model: str = "demo",
-    dtype: str = "float32",
-    device: str = "cpu",
+    dtype: str = "auto",
+    device: str = "auto",
     output_dir: str = "runs/apply",
     overwrite: bool = False,
 ) -> dict:
@@ -27,8 +27,8 @@ def apply(
     Args:
         plan: a run's decisions.json (or its run directory).
         model: the model the plan was made for: 'demo', a Hub id, a local directory or a .gguf file.
-        dtype: float32, bfloat16 or float16.
-        device: e.g. cpu, cuda.
+        dtype: auto (bfloat16 on a CUDA device that supports it, else float32), float32, bfloat16 or float16.
+        device: auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps.
         output_dir: run directory for model/ and decisions.json.
         overwrite: replace results already in output_dir.
     """

@@ -2,13 +2,11 @@
 
 from collections.abc import Iterable
 
-import torch
-
 from lightning_prune.data.tasks import is_task
 from lightning_prune.data.text import local_data_file
 from lightning_prune.errors import InputError
 from lightning_prune.evaluation.suite import EvaluationData, data_location, split_names
-from lightning_prune.model.loading import load_config, load_model
+from lightning_prune.model.loading import load_config, load_model, resolve_device, resolve_dtype
 from lightning_prune.results import package_versions
 from lightning_prune.stages.prune import parse_indices
 
@@ -35,7 +33,8 @@ def load_checked_model(model: str, *, dtype: str, device: str, seq_len: int | No
     for source in data:
         if not is_task(source):
             local_data_file(source)
-    return load_model(model, dtype=dtype, device=torch.device(device))
+    target = resolve_device(device)
+    return load_model(model, dtype=resolve_dtype(dtype, target), device=target)
 
 
 def run_record(settings: dict, **values) -> dict:

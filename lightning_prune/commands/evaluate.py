@@ -13,8 +13,8 @@ def evaluate(
     seq_len: int = 128,
     num_samples: int = 64,
     batch_size: int = 8,
-    dtype: str = "float32",
-    device: str = "cpu",
+    dtype: str = "auto",
+    device: str = "auto",
     output_dir: str | None = None,
     overwrite: bool = False,
     tasks: str | None = None,
@@ -30,8 +30,8 @@ def evaluate(
         seq_len: tokens per block.
         num_samples: blocks per source.
         batch_size: blocks per forward pass.
-        dtype: float32, bfloat16 or float16.
-        device: e.g. cpu, cuda, cuda:1.
+        dtype: auto (bfloat16 on a CUDA device that supports it, else float32), float32, bfloat16 or float16.
+        device: auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps.
         output_dir: where to write metrics.json (optional).
         overwrite: replace results already in output_dir.
         tasks: comma-separated multiple-choice tasks for lm-eval (arc_easy, piqa, boolq, or stems of files in task_dir).

@@ -53,8 +53,8 @@ def relevance(
     seq_len: int = 128,
     batch_size: int = 8,
     seed: int = 0,
-    dtype: str = "float32",
-    device: str = "cpu",
+    dtype: str = "auto",
+    device: str = "auto",
     output_dir: str = "runs/relevance",
     overwrite: bool = False,
 ) -> dict:
@@ -68,8 +68,8 @@ def relevance(
         seq_len: tokens per block for the cosine block-influence comparison.
         batch_size: blocks per forward pass (cosine BI).
         seed: recorded for completeness (the items are the first num_items, no random draw).
-        dtype: float32, bfloat16 or float16.
-        device: e.g. cpu, cuda.
+        dtype: auto (bfloat16 on a CUDA device that supports it, else float32), float32, bfloat16 or float16.
+        device: auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps.
         output_dir: run directory for relevance.json and relevance.png.
         overwrite: replace results already in output_dir.
     """

@@ -50,8 +50,8 @@ def score(
     block_size: int = 2,
     batch_size: int = 8,
     seed: int = 0,
-    dtype: str = "float32",
-    device: str = "cpu",
+    dtype: str = "auto",
+    device: str = "auto",
     output_dir: str = "runs/score",
     overwrite: bool = False,
 ) -> dict:
@@ -66,8 +66,8 @@ def score(
         block_size: layers per block for the contiguous metric.
         batch_size: blocks per forward pass.
         seed: seed of the calibration draw and of the random metric.
-        dtype: float32, bfloat16 or float16.
-        device: e.g. cpu, cuda.
+        dtype: auto (bfloat16 on a CUDA device that supports it, else float32), float32, bfloat16 or float16.
+        device: auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps.
         output_dir: run directory for scores.json and scores.png.
         overwrite: replace results already in output_dir.
     """

@@ -48,8 +48,8 @@ def sparsify(
     eval_data: str = "wikitext2",
     eval_samples: int = 64,
     batch_size: int = 8,
-    dtype: str = "float32",
-    device: str = "cpu",
+    dtype: str = "auto",
+    device: str = "auto",
     output_dir: str = "runs/sparsify",
     overwrite: bool = False,
     dry_run: bool = False,
@@ -66,8 +66,8 @@ def sparsify(
         eval_data: comma-separated perplexity sources (test split).
         eval_samples: evaluation blocks per source.
         batch_size: blocks per forward pass.
-        dtype: float32, bfloat16 or float16.
-        device: e.g. cpu, cuda.
+        dtype: auto (bfloat16 on a CUDA device that supports it, else float32), float32, bfloat16 or float16.
+        device: auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps.
         output_dir: run directory for model/, decisions.json, metrics.json and the PNG.
         overwrite: replace results already in output_dir.
         dry_run: plan, print the decision and write only decisions.json (no model, no evaluation).

@@ -36,8 +36,8 @@ class StageRun:
         seq_len: tokens per calibration and evaluation block.
         num_samples: evaluation blocks per source.
         batch_size: blocks per forward pass.
-        dtype: float32, bfloat16 or float16.
-        device: e.g. cpu, cuda.
+        dtype: auto (bfloat16 on a CUDA device that supports it, else float32), float32, bfloat16 or float16.
+        device: auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps.
         output_dir: run directory for model/, decisions.json and metrics.json (default: runs/<command>).
         overwrite: replace results already in output_dir.
         dry_run: plan, print the decision and write only decisions.json (no model, no evaluation).
@@ -51,8 +51,8 @@ class StageRun:
     seq_len: int = 128
     num_samples: int = 64
     batch_size: int = 8
-    dtype: str = "float32"
-    device: str = "cpu"
+    dtype: str = "auto"
+    device: str = "auto"
     output_dir: str | None = None
     overwrite: bool = False
     dry_run: bool = False

@@ -15,9 +15,48 @@ from lightning_prune.errors import InputError, MissingInputError
 from lightning_prune.model.anatomy import family_spec
 from lightning_prune.model.demo import demo_gguf_path
 
-__all__ = ["DTYPES", "ModelSource", "resolve_model_source", "load_config", "load_model", "load_tokenizer"]
+__all__ = [
+    "DTYPES",
+    "ModelSource",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_model_source",
+    "load_config",
+    "load_model",
+    "load_tokenizer",
+]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda``/``cuda:N`` or ``mps``, checked to exist here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise InputError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from error
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise InputError(f"--device {name!r} is not available here ({count} CUDA devices); use --device auto or cpu")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {name!r} is not available here; use --device auto or cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"--device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """``auto`` (bfloat16 on a CUDA device that supports it, else float32) or an explicit dtype the device can run."""
+    if name == "auto":
+        return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if name not in DTYPES:
+        raise InputError(f"--dtype {name!r} is not supported; choose auto or one of {', '.join(DTYPES)}")
+    if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise InputError(f"--dtype bfloat16 is not supported by {device}; use --dtype float16 or auto")
+    return name
 
 
 @dataclass(frozen=True)
