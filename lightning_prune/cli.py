@@ -109,11 +109,30 @@ def lightning_main(args: list[str] | None = None) -> None:
         _fail(str(cause))
 
 
+def recipes_main(args: list[str]) -> None:
+    """``lightning-prune recipes [list | copy NAME DEST]``: the shipped recipes (torchtune's ``tune ls`` / ``tune cp``)."""
+    from lightning_prune.recipes import copy_recipe, describe
+
+    try:
+        if not args or args == ["list"]:
+            print(describe())
+        elif len(args) == 3 and args[0] == "copy":
+            target = copy_recipe(args[1], args[2])
+            print(f"copied {args[1]} to {target}; run it with: lightning-prune fit --config {target}")
+        else:
+            raise InputError(f"recipes takes 'list' or 'copy NAME DEST', got {' '.join(args)!r}")
+    except InputError as error:
+        _fail(str(error))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``lightning-prune`` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
         lightning_main(argv)
+        return
+    if argv and argv[0] == "recipes":
+        recipes_main(argv[1:])
         return
     from lightning_prune.commands import COMMANDS
 

@@ -175,3 +175,20 @@ def test_auto_device_and_dtype_resolve_to_what_this_machine_runs():
     device = resolve_device("auto")
     assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_dtype("auto", torch.device("cpu")) == "float32"
+
+
+def test_recipes_lists_and_copies_a_recipe_that_runs_from_its_copy(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "recipes")
+    assert code == 0 and out.splitlines()[0].startswith("come_mp") and "prune_heal" in out
+    code, out, err = run_cli(capsys, "recipes", "copy", "prune_heal", tmp_path / "mine")
+    assert code == 0, err
+    copied = tmp_path / "mine" / "prune_heal.yaml"
+    assert copied.is_file() and (tmp_path / "mine" / "pieces" / "lora.yaml").is_file()
+    from lightning_prune.lightning_cli import PruneCLI
+
+    cli = PruneCLI(args=["--config", str(copied), "--run_dir", str(tmp_path / "run")], run=False)
+    assert [stage.name for stage in cli.stage_callback.stages] == ["prune"]
+    code, _, err = run_cli(capsys, "recipes", "copy", "prune_heal", tmp_path / "mine")
+    assert_one_line_error(code, err, "would replace")
+    code, _, err = run_cli(capsys, "recipes", "copy", "prune_hea", tmp_path / "other")
+    assert_one_line_error(code, err, "did you mean 'prune_heal'?")
