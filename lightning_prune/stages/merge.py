@@ -31,6 +31,10 @@ class MergeStage(Stage):
         rho: minimum retention of the dominant layer, in [0, 1) (0 = off).
         remerge: allow merging an already merged layer again.
         grid: CoMe-P grid size n (n + 1 candidate ratios).
+        norm_rule: merged layer norms (come, come_p): mean (paper App. C), weighted (by
+            retention ratio) or dominant (the largest-ratio layer's norms).
+        parts: sublayers concatenated (come, come_p): both (paper), attention or ffn (the other
+            sublayer is copied from the largest-ratio layer).
         batch_size: calibration blocks per forward pass.
     """
 
@@ -40,6 +44,8 @@ class MergeStage(Stage):
     rho: float = 0.0
     remerge: bool = True
     grid: int = 20
+    norm_rule: str = "mean"
+    parts: str = "both"
     batch_size: int = 8
 
     name = "merge"
@@ -49,7 +55,7 @@ class MergeStage(Stage):
             raise InputError(f"merge: batch_size {self.batch_size} must be >= 1")
         if self.grid < 1:
             raise InputError(f"merge: grid {self.grid} must be >= 1")
-        target = check_merge_request(config, self.method, self.num_layers, self.p, self.rho)
+        target = check_merge_request(config, self.method, self.num_layers, self.p, self.rho, norm_rule=self.norm_rule, parts=self.parts)
         after = copy.deepcopy(config)
         after.num_hidden_layers = target
         return after
@@ -72,6 +78,8 @@ class MergeStage(Stage):
             rho=self.rho,
             remerge=self.remerge,
             grid=self.grid,
+            norm_rule=self.norm_rule,
+            parts=self.parts,
             progress=progress,
         )
         decision = MergeDecision({**record.to_dict(), "settings": asdict(self)})
