@@ -180,7 +180,7 @@ def label(key: str, settings: dict) -> str:
     parts.append(f"{settings['norm_rule']} norms")
     if settings["parts"] != "both":
         parts.append(f"{settings['parts']} only")
-    return "CoMe, " + ", ".join(parts)
+    return "CoMe, " + ", ".join(parts) + (" (paper, LLaMA-2)" if key == "come_paper" else "")
 
 
 def report(results: dict, command: str) -> str:
@@ -205,6 +205,9 @@ def report(results: dict, command: str) -> str:
             f"| {label(key, ROWS[key])} | {ppl['wikitext2']:.1f} | {ppl['c4']:.1f} | {ratio.get('wikitext2', float('nan')):.3f} | "
             f"{ratio.get('c4', float('nan')):.3f} | {row['build_seconds']:.0f} + {row['eval_seconds']:.0f} |"
         )
+    missing = [key for key in ROWS if key not in rows]
+    if missing:
+        lines += ["", f"Not measured yet (run them with `--reuse --rows {','.join(missing)}`): {', '.join(missing)}."]
     return "\n".join(lines)
 
 
