@@ -232,3 +232,96 @@ def test_bad_merge_options(options, message):
 def test_unsupported_family_lists_supported():
     with pytest.raises(InputError, match="supported: llama, mistral, qwen2, qwen3"):
         merge_model(make_tiny_model("opt"), batches(), 3, progress=False)
+
+
+def _window_merge(family, ratios, **options):
+    model = make_tiny_model(family)
+    anatomy = Anatomy(model)
+    stats = calibration_statistics(model, batches(), progress=False)
+    window = [anatomy.layers[2], anatomy.layers[3]]
+    return anatomy, window, concat_merge(model, window, ratios, stats.attention[2:4], stats.ffn[2:4], **options)
+
+
+def _layer_norm_weights(anatomy, layer):
+    return {path: norm.weight for path, norm in anatomy.norms(layer).items() if path not in anatomy.spec.attention_norms}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("ratios", [(0.45, 0.55), (0.7, 0.3)])
+def test_norm_rules_give_dominant_weighted_and_mean_norms(family, ratios):
+    """dominant: the largest-ratio layer's norms exactly; weighted: sum r_t w_t; mean: App. C."""
+    ratios = torch.tensor(ratios)
+    dominant = int(ratios.argmax())
+    expected = {}
+    for rule in ("mean", "weighted", "dominant"):
+        anatomy, window, merged = _window_merge(family, ratios, norm_rule=rule)
+        sources = [_layer_norm_weights(anatomy, layer) for layer in window]
+        weights = {"mean": [0.5, 0.5], "weighted": ratios.tolist(), "dominant": [float(i == dominant) for i in range(2)]}[rule]
+        expected[rule] = merged
+        for path, value in _layer_norm_weights(anatomy, merged).items():
+            torch.testing.assert_close(value, sum(w * s[path] for w, s in zip(weights, sources)), **TOLERANCE)
+        if rule == "dominant":
+            for path, value in _layer_norm_weights(anatomy, merged).items():
+                torch.testing.assert_close(value, sources[dominant][path], rtol=0, atol=0)
+    # the rule touches only the layer norms: projections and q/k norms are the same under every rule
+    mean_state, dominant_state = expected["mean"].state_dict(), expected["dominant"].state_dict()
+    layer_norms = {f"{path}.weight" for path in _layer_norm_weights(anatomy, expected["mean"])}
+    for name, value in mean_state.items():
+        if name not in layer_norms:
+            torch.testing.assert_close(dominant_state[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("dominant", [0, 1])
+def test_dominant_norms_with_ratio_one_zero_is_the_layer(dominant):
+    """With norm_rule dominant, r in {0, 1} is exactly the kept layer (layer removal, spec ambiguity 10)."""
+    ratios = torch.tensor([1.0, 0.0]) if dominant == 0 else torch.tensor([0.0, 1.0])
+    _, window, merged = _window_merge("qwen2", ratios, norm_rule="dominant")
+    for (name, value), source in zip(merged.state_dict().items(), window[dominant].state_dict().values()):
+        torch.testing.assert_close(value, source, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize(("parts", "copied"), [("attention", "mlp"), ("ffn", "self_attn")])
+def test_single_part_merge_copies_the_other_from_dominant(parts, copied):
+    """parts=attention: FFN and post_attention_layernorm are the dominant layer's; parts=ffn: attention and input_layernorm."""
+    ratios = torch.tensor([0.4, 0.6])
+    anatomy, window, merged = _window_merge("llama", ratios, parts=parts)
+    _, _, both = _window_merge("llama", ratios)
+    norm = "post_attention_layernorm" if parts == "attention" else "input_layernorm"
+    source, reference = window[1].state_dict(), both.state_dict()
+    for name, value in merged.state_dict().items():
+        if name.startswith(copied) or name.startswith(norm):
+            torch.testing.assert_close(value, source[name], rtol=0, atol=0, msg=name)
+        else:  # the merged sublayer and its norm are as in the two-part merge
+            torch.testing.assert_close(value, reference[name], rtol=0, atol=0, msg=name)
+
+
+def test_norm_options_thread_through_merge_model_and_come_p():
+    """merge_model(norm_rule=dominant) == progressive loop with dominant norms; CoMe-P too; default unchanged."""
+    default, explicit = make_tiny_model("llama"), make_tiny_model("llama")
+    merge_model(default, batches(), 4, progress=False)
+    merge_model(explicit, batches(), 4, norm_rule="mean", parts="both", progress=False)
+    for name, value in default.state_dict().items():
+        torch.testing.assert_close(explicit.state_dict()[name], value, rtol=0, atol=0)
+    model = make_tiny_model("llama")
+    record = merge_model(model, batches(), 4, norm_rule="dominant", progress=False)
+    anatomy = Anatomy(model)
+    original = Anatomy(make_tiny_model("llama"))
+    for b, group in enumerate(record.groups):
+        if len(group) == 2:  # a two-original-layer group: norms are one original layer's, exactly
+            norm = anatomy.norms(anatomy.layers[b])["input_layernorm"].weight
+            assert any(torch.equal(norm, original.norms(original.layers[i])["input_layernorm"].weight) for i in group)
+    come_p = merge_model(make_tiny_model("llama"), batches(), 5, method="come_p", grid=2, norm_rule="dominant", progress=False)
+    assert len(come_p.groups) == 5
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(norm_rule="median"), "norm_rule 'median' is not known; choose one of mean, weighted, dominant"),
+        (dict(parts="heads"), "parts 'heads' is not known; choose one of both, attention, ffn"),
+        (dict(method="sum", norm_rule="dominant"), "norm_rule and parts apply to come and come_p only"),
+    ],
+)
+def test_bad_norm_options(options, message):
+    with pytest.raises(InputError, match=message):
+        merge_model(make_tiny_model("llama"), batches(), 3, **options, progress=False)

@@ -35,6 +35,8 @@ def test_merge_writes_reloadable_model_and_decisions(capsys, tiny_dir, tmp_path)
         (("--num_layers", 2, "--p", 0), "p 0.0 must be > 0"),
         (("--num_layers", 2, "--rho", 1), "rho 1.0 must be in [0, 1)"),
         (("--num_layers", 2, "--method", "laco"), "choose one of come, come_p, sum"),
+        (("--num_layers", 2, "--norm_rule", "median"), "norm_rule 'median' is not known; choose one of mean, weighted, dominant"),
+        (("--num_layers", 2, "--method", "sum", "--parts", "ffn"), "norm_rule and parts apply to come and come_p only"),
     ],
 )
 def test_merge_bad_input_is_one_line_and_writes_nothing(capsys, tiny_dir, tmp_path, options, fragment):

@@ -2,8 +2,11 @@
 
 from lightning_prune.merging.come import (
     MERGE_FAMILIES,
+    MERGE_PARTS,
+    NORM_RULES,
     check_merge_options,
     check_merge_support,
+    check_norm_options,
     concat_merge,
     retention_ratios,
     sum_merge,
@@ -24,6 +27,8 @@ from lightning_prune.merging.statistics import LayerStatistics, calibration_stat
 __all__ = [
     "MERGE_FAMILIES",
     "MERGE_METHODS",
+    "MERGE_PARTS",
+    "NORM_RULES",
     "LayerStatistics",
     "MappedLayer",
     "MergeRecord",
@@ -31,6 +36,7 @@ __all__ = [
     "check_merge_options",
     "check_merge_request",
     "check_merge_support",
+    "check_norm_options",
     "concat_merge",
     "heuristic_ratios",
     "layer_mapping",

@@ -14,7 +14,12 @@ Two (or more) layers become one layer of exactly the original widths:
   which is wrong for GQA whenever ``0 < k_t < n_kv``; spec (d));
 - FFN: rows of gate/up, columns of down;
 - o_proj / down_proj biases and Qwen3 ``q_norm``/``k_norm`` are ratio-weighted sums;
-  ``input_layernorm`` and ``post_attention_layernorm`` are plain means (App. C).
+  ``input_layernorm`` and ``post_attention_layernorm`` are plain means (App. C) under the
+  default ``norm_rule="mean"``; ``"weighted"`` takes the ratio-weighted sum and ``"dominant"``
+  copies the largest-ratio layer's norms (spec (d) "Norm weights", ambiguity 10: with the mean,
+  ``r in {0, 1}`` is not layer removal; with ``"dominant"`` it is);
+- ``parts`` chooses which sublayers are concatenated; a sublayer not merged is copied whole
+  from the largest-ratio layer, with its norm (an ablation, not in the paper).
 
 :func:`sum_merge` is the weight-averaging baseline (LaCo/MKA style) with the same ratios.
 """
@@ -31,6 +36,9 @@ from lightning_prune.model.anatomy import Anatomy
 
 __all__ = [
     "MERGE_FAMILIES",
+    "NORM_RULES",
+    "MERGE_PARTS",
+    "check_norm_options",
     "check_merge_support",
     "check_merge_options",
     "retention_ratios",
@@ -41,6 +49,10 @@ __all__ = [
 ]
 
 MERGE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+NORM_RULES = ("mean", "weighted", "dominant")
+"""How merged ``input_layernorm`` / ``post_attention_layernorm`` weights are formed (see module docstring)."""
+MERGE_PARTS = ("both", "attention", "ffn")
+"""Which sublayers :func:`concat_merge` concatenates; the others come whole from the dominant layer."""
 
 
 def check_merge_support(model_or_config) -> None:
@@ -59,6 +71,14 @@ def check_merge_options(target_depth: int, depth: int, p: float, rho: float) -> 
         raise InputError(f"p {p} must be > 0 (1 for Llama-like models, 32 for Qwen2.5, inf keeps only the top layer)")
     if not 0 <= rho < 1:
         raise InputError(f"rho {rho} must be in [0, 1) (0 turns the minimum retention off; paper uses 0.85-0.97)")
+
+
+def check_norm_options(norm_rule: str, parts: str) -> None:
+    """Validate the norm rule (one of :data:`NORM_RULES`) and merged parts (one of :data:`MERGE_PARTS`)."""
+    if norm_rule not in NORM_RULES:
+        raise InputError(f"norm_rule {norm_rule!r} is not known; choose one of {', '.join(NORM_RULES)}")
+    if parts not in MERGE_PARTS:
+        raise InputError(f"parts {parts!r} is not known; choose one of {', '.join(MERGE_PARTS)}")
 
 
 def retention_ratios(block_influence: torch.Tensor, p: float = 1.0, rho: float = 0.0) -> torch.Tensor:
@@ -168,14 +188,50 @@ def _merge_ffn(anatomy: Anatomy, layers, new, ratios, sensitivities) -> None:
     _concatenate(anatomy, layers, new, ratios, inputs, ("down_proj", channels))
 
 
-def _merge_norms(anatomy: Anatomy, layers, new, ratios) -> None:
-    """Layer norms: unweighted mean (App. C); per-head q/k norms: ratio-weighted sum (spec (d))."""
-    new_norms = anatomy.norms(new)
-    for path, module in new_norms.items():
-        weights = ratios.tolist() if path in anatomy.spec.attention_norms else [1 / len(layers)] * len(layers)
-        for attribute in ("weight", "bias"):
-            if getattr(module, attribute, None) is not None:
-                _set(getattr(module, attribute), _weighted([getattr(anatomy.norms(layer)[path], attribute) for layer in layers], weights))
+def dominant_ratios(ratios: torch.Tensor) -> torch.Tensor:
+    """One-hot ratios on the largest-ratio layer (ties: the lower layer), shape like ``ratios``."""
+    return (torch.arange(len(ratios)) == int(ratios.argmax())).float()
+
+
+def norm_weights(ratios: torch.Tensor, norm_rule: str) -> list[float]:
+    """Per-layer weights of a merged layer norm under ``norm_rule`` (:data:`NORM_RULES`).
+
+    ``mean``: ``1 / (m + 1)`` each (App. C); ``weighted``: the retention ratios;
+    ``dominant``: 1 for the largest-ratio layer, 0 for the others.
+    """
+    if norm_rule == "mean":
+        return [1 / len(ratios)] * len(ratios)
+    if norm_rule == "weighted":
+        return ratios.tolist()
+    return dominant_ratios(ratios).tolist()
+
+
+def _average_norm(anatomy: Anatomy, layers, new, path: str, weights: Sequence[float]) -> None:
+    module = anatomy.norms(new)[path]
+    for attribute in ("weight", "bias"):
+        if getattr(module, attribute, None) is not None:
+            _set(getattr(module, attribute), _weighted([getattr(anatomy.norms(layer)[path], attribute) for layer in layers], weights))
+
+
+def _merge_norms(anatomy: Anatomy, layers, new, ratios, attention_ratios, norm_rule: str, parts: str) -> None:
+    """Layer norms by ``norm_rule`` (mean: App. C); per-head q/k norms: ratio-weighted sum (spec (d)).
+
+    The norm feeding a sublayer copied from the dominant layer (``input_layernorm`` for attention,
+    ``post_attention_layernorm`` for the FFN, when ``parts`` leaves it out) is that layer's norm.
+    """
+    copied = {"attention": (anatomy.spec.post_attention_norm,), "ffn": (anatomy.spec.input_norm,)}.get(parts, ())
+    for path in anatomy.norms(new):
+        if path in anatomy.spec.attention_norms:
+            weights = attention_ratios.tolist()
+        else:
+            weights = norm_weights(ratios, "dominant" if path in copied else norm_rule)
+        _average_norm(anatomy, layers, new, path, weights)
+
+
+def _part_ratios(ratios: torch.Tensor, parts: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention, FFN) ratios: ``ratios`` for a merged sublayer, one-hot dominant for a copied one."""
+    dominant = dominant_ratios(ratios)
+    return (ratios if parts in ("both", "attention") else dominant, ratios if parts in ("both", "ffn") else dominant)
 
 
 @torch.no_grad()
@@ -185,6 +241,9 @@ def concat_merge(
     ratios: torch.Tensor,
     attention_sensitivity: Sequence[torch.Tensor],
     ffn_sensitivity: Sequence[torch.Tensor],
+    *,
+    norm_rule: str = "mean",
+    parts: str = "both",
 ) -> nn.Module:
     """One new decoder layer concatenating the most sensitive units of ``layers`` (Alg. 1 l.44-51).
 
@@ -194,23 +253,36 @@ def concat_merge(
         ratios: retention ratios, shape (len(layers),), summing to 1.
         attention_sensitivity: per layer, KV-group sensitivity, shape (n_kv,).
         ffn_sensitivity: per layer, intermediate-channel sensitivity, shape (I,).
+        norm_rule: merged layer norms: ``mean`` (App. C), ``weighted`` (by ratio) or
+            ``dominant`` (the largest-ratio layer's).
+        parts: ``both`` (paper), ``attention`` or ``ffn``: the sublayer concatenated; the other
+            is copied from the largest-ratio layer together with its norm.
 
     Returns:
         A new layer (a copy of ``layers[0]`` with replaced tensors) of the original shapes.
     """
     check_merge_support(model)
+    check_norm_options(norm_rule, parts)
     anatomy = Anatomy(model)
+    attention_ratios, ffn_ratios = _part_ratios(ratios, parts)
     new = copy.deepcopy(layers[0])
-    _merge_attention(anatomy, layers, new, ratios, attention_sensitivity)
-    _merge_ffn(anatomy, layers, new, ratios, ffn_sensitivity)
-    _merge_norms(anatomy, layers, new, ratios)
+    _merge_attention(anatomy, layers, new, attention_ratios, attention_sensitivity)
+    _merge_ffn(anatomy, layers, new, ffn_ratios, ffn_sensitivity)
+    _merge_norms(anatomy, layers, new, ratios, attention_ratios, norm_rule, parts)
     return new
 
 
 @torch.no_grad()
-def sum_merge(model: nn.Module, layers: Sequence[nn.Module], ratios: torch.Tensor, *_unused) -> nn.Module:
-    """Baseline: every parameter is the ratio-weighted average of the layers' parameters."""
+def sum_merge(
+    model: nn.Module, layers: Sequence[nn.Module], ratios: torch.Tensor, *_unused, norm_rule: str = "mean", parts: str = "both"
+) -> nn.Module:
+    """Baseline: every parameter (norms included) is the ratio-weighted average of the layers' parameters.
+
+    ``norm_rule`` and ``parts`` belong to :func:`concat_merge`; anything but the defaults is refused.
+    """
     check_merge_support(model)
+    if (norm_rule, parts) != ("mean", "both"):
+        raise InputError("sum-merge averages every parameter by ratio; norm_rule and parts apply to come and come_p only")
     new = copy.deepcopy(layers[0])
     sources = [dict(layer.named_parameters()) for layer in layers]
     for name, parameter in new.named_parameters():

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lightning_prune.errors import InputError
-from lightning_prune.merging.come import check_merge_options, check_merge_support, concat_merge, sum_merge
+from lightning_prune.merging.come import check_merge_options, check_merge_support, check_norm_options, concat_merge, sum_merge
 from lightning_prune.merging.posterior import posterior_ratios
 from lightning_prune.merging.progressive import MergeRecord, heuristic_ratios, progressive_merge
 
@@ -20,9 +20,16 @@ def _check_method(method: str) -> None:
         raise InputError(f"merge method {method!r} is not known; choose one of {', '.join(MERGE_METHODS)}")
 
 
-def check_merge_request(config, method: str, num_layers: int, p: float, rho: float) -> int:
+def _check_norm_request(method: str, norm_rule: str, parts: str) -> None:
+    check_norm_options(norm_rule, parts)
+    if method == "sum" and (norm_rule, parts) != ("mean", "both"):
+        raise InputError("merge method 'sum' averages every parameter by ratio; norm_rule and parts apply to come and come_p only")
+
+
+def check_merge_request(config, method: str, num_layers: int, p: float, rho: float, *, norm_rule: str = "mean", parts: str = "both") -> int:
     """Validate a request to merge away ``num_layers`` layers (before weights load); return the target depth."""
     _check_method(method)
+    _check_norm_request(method, norm_rule, parts)
     check_merge_support(config)
     depth = config.num_hidden_layers
     if not 1 <= num_layers < depth:
@@ -41,6 +48,8 @@ def merge_model(
     rho: float = 0.0,
     remerge: bool = True,
     grid: int = 20,
+    norm_rule: str = "mean",
+    parts: str = "both",
     progress: bool = True,
 ) -> MergeRecord:
     """Merge ``model`` in place down to ``target_depth`` layers.
@@ -55,12 +64,18 @@ def merge_model(
         rho: minimum retention of the dominant layer (come, sum).
         remerge: allow merging an already merged layer again.
         grid: CoMe-P grid size n (n + 1 candidates).
+        norm_rule: merged layer norms (come, come_p): ``mean`` (App. C), ``weighted`` (by
+            ratio) or ``dominant`` (the largest-ratio layer's).
+        parts: sublayers concatenated (come, come_p): ``both`` (paper), ``attention`` or
+            ``ffn`` (the other copied from the largest-ratio layer).
         progress: show progress bars.
     """
     _check_method(method)
+    _check_norm_request(method, norm_rule, parts)
     check_merge_support(model)
     check_merge_options(target_depth, model.config.num_hidden_layers, p, rho)
     batches = list(batches)
-    rule = posterior_ratios(batches, grid, progress=progress) if method == "come_p" else heuristic_ratios(p, rho)
+    options = {"norm_rule": norm_rule, "parts": parts}
+    rule = posterior_ratios(batches, grid, **options, progress=progress) if method == "come_p" else heuristic_ratios(p, rho)
     combine = sum_merge if method == "sum" else concat_merge
-    return progressive_merge(model, batches, target_depth, ratio_rule=rule, combine=combine, remerge=remerge, progress=progress)
+    return progressive_merge(model, batches, target_depth, ratio_rule=rule, combine=combine, remerge=remerge, **options, progress=progress)

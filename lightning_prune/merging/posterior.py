@@ -44,9 +44,14 @@ def window_losses(
     stats: LayerStatistics,
     candidates: Sequence[torch.Tensor],
     *,
+    norm_rule: str = "mean",
+    parts: str = "both",
     progress: bool = True,
 ) -> list[float]:
-    """Calibration NLL of the model with layers ``start, start + 1`` merged with each candidate ratio."""
+    """Calibration NLL of the model with layers ``start, start + 1`` merged with each candidate ratio.
+
+    ``norm_rule`` / ``parts`` are passed to :func:`~lightning_prune.merging.come.concat_merge`.
+    """
     anatomy = Anatomy(model)
     inputs = capture_layer_inputs(model, batches, start)
     window = [anatomy.layers[start], anatomy.layers[start + 1]]
@@ -54,7 +59,8 @@ def window_losses(
     losses = []
     try:
         for ratios in tqdm(candidates, desc="CoMe-P grid", disable=not progress, leave=False):
-            anatomy.layers[start] = concat_merge(model, window, ratios, stats.attention[start : start + 2], stats.ffn[start : start + 2])
+            sensitivities = (stats.attention[start : start + 2], stats.ffn[start : start + 2])
+            anatomy.layers[start] = concat_merge(model, window, ratios, *sensitivities, norm_rule=norm_rule, parts=parts)
             total = 0.0
             for index, ids in enumerate(batches):
                 hidden = run_layers(model, inputs.hidden[index], inputs.kwargs[index], positions)
@@ -65,12 +71,19 @@ def window_losses(
     return losses
 
 
-def posterior_ratios(batches: Sequence[torch.Tensor], grid: int = 20, *, progress: bool = True) -> RatioRule:
-    """A :data:`RatioRule` choosing the grid candidate with the smallest calibration NLL."""
+def posterior_ratios(
+    batches: Sequence[torch.Tensor], grid: int = 20, *, norm_rule: str = "mean", parts: str = "both", progress: bool = True
+) -> RatioRule:
+    """A :data:`RatioRule` choosing the grid candidate with the smallest calibration NLL.
+
+    Candidates are scored with the same ``norm_rule`` / ``parts`` the merge then uses (with
+    ``dominant`` norms the candidates ``r in {0, 1}`` are exactly removing one layer).
+    """
     candidates = candidate_ratios(grid)
+    options = {"norm_rule": norm_rule, "parts": parts}
 
     def rule(model: nn.Module, start: int, stats: LayerStatistics) -> torch.Tensor:
-        losses = window_losses(model, batches, start, stats, candidates, progress=progress)
+        losses = window_losses(model, batches, start, stats, candidates, **options, progress=progress)
         return candidates[min(range(len(losses)), key=losses.__getitem__)]
 
     return rule

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from lightning_prune.capture import layer_type
 from lightning_prune.errors import InputError
-from lightning_prune.merging.come import check_merge_options, check_merge_support, concat_merge, retention_ratios
+from lightning_prune.merging.come import check_merge_options, check_merge_support, check_norm_options, concat_merge, retention_ratios
 from lightning_prune.merging.statistics import LayerStatistics, calibration_statistics
 from lightning_prune.model.anatomy import Anatomy
 from lightning_prune.model.surgery import replace_layers
@@ -123,6 +123,8 @@ def progressive_merge(
     ratio_rule: RatioRule | None = None,
     combine: Callable = concat_merge,
     remerge: bool = True,
+    norm_rule: str = "mean",
+    parts: str = "both",
     progress: bool = True,
 ) -> MergeRecord:
     """Merge two adjacent layers at a time until the model has ``target_depth`` layers (Alg. 1 / 2).
@@ -134,6 +136,9 @@ def progressive_merge(
         ratio_rule: picks the window's retention ratios (default: CoMe heuristic, p=1, rho=0).
         combine: ``concat_merge`` (CoMe) or ``sum_merge`` (weight-average baseline).
         remerge: allow a merged layer to be merged again (the authors' ``--wo-repeat`` is ``False``).
+        norm_rule: merged layer norms, passed to ``combine`` (``mean``: App. C; see
+            :func:`~lightning_prune.merging.come.concat_merge`).
+        parts: sublayers concatenated, passed to ``combine`` (``both``: the paper).
         progress: show progress bars.
 
     Returns:
@@ -142,6 +147,7 @@ def progressive_merge(
     check_merge_support(model)
     anatomy = Anatomy(model)
     check_merge_options(target_depth, anatomy.num_layers, 1.0, 0.0)
+    check_norm_options(norm_rule, parts)
     rule = ratio_rule or heuristic_ratios()
     record = MergeRecord(groups=[[i] for i in range(anatomy.num_layers)])
     for _ in tqdm(range(anatomy.num_layers - target_depth), desc="merge", disable=not progress):
@@ -150,7 +156,8 @@ def progressive_merge(
         start = choose_window(stats.window_influence, record.groups, remerge, types)
         ratios = rule(model, start, stats)
         window = list(anatomy.layers[start : start + 2])
-        merged = combine(model, window, ratios, stats.attention[start : start + 2], stats.ffn[start : start + 2])
+        sensitivities = (stats.attention[start : start + 2], stats.ffn[start : start + 2])
+        merged = combine(model, window, ratios, *sensitivities, norm_rule=norm_rule, parts=parts)
         replace_layers(model, start, start + 2, merged)
         record.steps.append(
             {
