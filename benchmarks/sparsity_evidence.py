@@ -55,8 +55,9 @@ NOTES = [
     "- SparseGPT: H = 2XᵀX/n, 1 % dampening (×10 retries), 128-column lazy blocks; a row's count is split over the "
     "blocks by cumulative rounding so it stays exact while the mask adapts to the OBS updates.",
     "- Mixed N:M (003 App. E.2): N_l = M·(1 − s_l) rounded by largest remainders so Σ N_l = L·N.",
-    "- Fine-tuning: `SparsifyCallback` zeroes pruned gradients before each optimizer step and re-multiplies the "
-    "weights by their masks after each batch; after LoRA `merge_and_unload`, `remask_merged` re-applies the masks.",
+    "- Fine-tuning: the `SparsityDecision` of a `sparsify` stage zeroes the gradients of trainable pruned weights "
+    "before each optimizer step and re-multiplies them by their masks after each batch (frozen LoRA/QLoRA bases are "
+    "left alone); at export it re-applies the masks to the merged model, so the saved model has exactly the live sparsity.",
     "",
 ]
 
