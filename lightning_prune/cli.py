@@ -54,7 +54,12 @@ def _groups(function: Callable) -> dict[str, type]:
 
 def build_parser(commands: dict[str, Callable]) -> ArgumentParser:
     """Parser with one subcommand per function; options come from each signature (dataclass parameters flattened)."""
-    parser = _OneLineParser(prog=PROG, description=__doc__.strip().splitlines()[0])
+    parser = _OneLineParser(
+        prog=PROG,
+        description="One-shot commands below. Recipes (stages + training in one Lightning fit): "
+        "lightning-prune fit|validate|test --config NAME_OR_YAML [--section.option value ...]; "
+        "lightning-prune recipes [list | copy NAME DEST].",
+    )
     subcommands = parser.add_subcommands(dest="command")
     for name, function in commands.items():
         sub = _OneLineParser(prog=f"{PROG} {name}", description=_summary(function))
