@@ -24,6 +24,7 @@ Usage: OMP_NUM_THREADS=2 python benchmarks/repair_evidence.py [--steps 8] [--run
 import argparse
 import importlib.util
 import json
+import os
 import shlex
 import sys
 import time
@@ -160,7 +161,7 @@ def run(args: argparse.Namespace, key: str) -> dict:
 
     directory = run_dir(args, key)
     argv = ["fit", *RUNS[key], "--run_dir", shown(directory), *shared_flags(args)]
-    Timed.seconds, start = 0.0, time.perf_counter()
+    Timed.seconds, start, load = 0.0, time.perf_counter(), os.getloadavg()[0]
     main(argv)
     seconds = time.perf_counter() - start
     metrics = json.loads((directory / "metrics.json").read_text())
@@ -174,6 +175,8 @@ def run(args: argparse.Namespace, key: str) -> dict:
         "entries": entries,
         "seconds": round(seconds, 1),
         "eval_seconds": round(Timed.seconds, 1),
+        # 1-minute load average of the machine at the start and the end (the CPU is shared)
+        "load": [round(load, 1), round(os.getloadavg()[0], 1)],
         "stage_seconds": round(stage, 1),
         # training + model load, export and save: the wall time less evaluation and stage planning
         "heal_seconds": round(seconds - Timed.seconds - stage, 1) if trained else None,
@@ -225,21 +228,25 @@ def verdict(by_row: dict) -> list[str]:
             f"- Full pipeline within 1.3× of the equally-healed dense control out of domain: **{'met' if ratio <= 1.3 else 'not met'}** "
             f"(row 6 / row 2b on C4 = {ratio:.3f}" + (f"; / row 2 = {other:.3f}" if other else "") + ")."
         )
-    steps = [
-        ("3", "4", "compensation"),
-        ("4", "5", "LM-loss LoRA"),
-        ("4", "6", "teacher-KL LoRA"),
-        ("5", "6", "teacher KL instead of LM loss"),
-    ]
-    steps += [("7", "8", "CoMe distillation `mse_norm`"), ("7", "9", "CoMe distillation `kl_raw`")]
-    checks = [(a, b, what, c4[b] < c4[a]) for a, b, what in steps if a in c4 and b in c4]
-    if checks:
-        pipeline = [ok for a, b, _, ok in checks if b in ("4", "5", "6")]
-        lines.append(
-            f"- Each repair step of the prune pipeline lowering C4 perplexity over the step before it: **{'met' if all(pipeline) else 'not met'}** ("
-            + "; ".join(f"row {a} → {b} ({what}): {c4[a]:.2f} → {c4[b]:.2f} {'lower' if ok else 'NOT lower'}" for a, b, what, ok in checks)
+
+    def checked(steps: list[tuple[str, str, str]]) -> list[tuple[str, str, str, bool]]:
+        return [(a, b, what, c4[b] < c4[a]) for a, b, what in steps if a in c4 and b in c4]
+
+    def line(title: str, checks: list) -> str:
+        return (
+            f"- {title}: **{'met' if all(ok for *_, ok in checks) else 'not met'}** ("
+            + "; ".join(f"row {a} → {b} ({what}): {c4[a]:.2f} → {c4[b]:.2f}, {'lower' if ok else 'NOT lower'}" for a, b, what, ok in checks)
             + ")."
         )
+
+    pipeline = checked(
+        [("3", "4", "compensation"), ("4", "5", "LM-loss LoRA"), ("4", "6", "teacher-KL LoRA"), ("5", "6", "teacher KL instead of LM loss")]
+    )
+    if pipeline:
+        lines.append(line("Each repair step of the prune pipeline lowering C4 perplexity over the step before it", pipeline))
+    come = checked([("7", "8", "distillation `mse_norm`"), ("7", "9", "distillation `kl_raw`")])
+    if come:
+        lines.append(line("CoMe: each layerwise distillation lowering C4 perplexity below the merged model", come))
     return lines
 
 
@@ -283,12 +290,19 @@ def markdown(record: dict) -> str:
         by_row = {r["row"]: r for r in table}
         lines += ["", *verdict(by_row)]
         removed = [
-            f"{key}: `{d.get('removed_layers') or d.get('groups')}`"
-            for key in ("bi_lora", "come_mse")
+            f"{key} removed `{d['removed_layers']}`"
+            if "removed_layers" in d
+            else f"{key} merged `{[g for g in d['groups'] if len(g) > 1]}`"
+            for key in ("bi_none", "bi_lora", "bi_distill", "come_mse")
             for d in budget["runs"].get(key, {}).get("decisions", [])
         ]
         if removed:
-            lines += ["", "Decisions: " + "; ".join(removed) + "."]
+            lines += [
+                "",
+                "Decisions (original layer indices; prune: removal order; merge: the groups that became one layer): "
+                + "; ".join(removed)
+                + ".",
+            ]
         shared = {run["shared_flags"] for run in budget["runs"].values()}
         lines += [
             "",
@@ -297,13 +311,18 @@ def markdown(record: dict) -> str:
             + " (each run also records the dense model and, with a stage, the model after it; wall time in brackets):",
             "",
         ]
-        lines += [f"- `{key}` ({run['seconds']:.0f} s): `{run['recipe_flags']}`" for key, run in budget["runs"].items()]
-        lines += ["", f"Total wall time of these runs: {sum(r['seconds'] for r in budget['runs'].values()) / 60:.1f} min."]
-    lines += [
-        "",
-        f"Reproduce: `OMP_NUM_THREADS=2 .venv/bin/python benchmarks/repair_evidence.py --steps N` "
-        f"(`--runs` picks runs from {', '.join(f'`{k}`' for k in RUNS)}; `--reuse` keeps the runs already in the JSON).",
-    ]
+        lines += [
+            f"- `{key}` ({run['seconds']:.0f} s"
+            + (f", load {run['load'][0]:g} → {run['load'][1]:g}" if "load" in run else "")
+            + f"): `{run['recipe_flags']}`"
+            for key, run in budget["runs"].items()
+        ]
+        lines += [
+            "",
+            f"Total wall time of these runs: {sum(r['seconds'] for r in budget['runs'].values()) / 60:.1f} min. Reproduce: "
+            f"`OMP_NUM_THREADS=2 .venv/bin/python benchmarks/repair_evidence.py --steps {steps} --runs {','.join(budget['runs'])}` "
+            "(`--reuse` keeps the runs already in the JSON and runs the rest).",
+        ]
     return "\n".join(lines)
 
 
@@ -346,6 +365,7 @@ def main() -> None:
             f"{key}: {result['seconds']:.0f} s (evaluation {result['eval_seconds']:.0f} s, stage {result['stage_seconds']:.0f} s)",
             flush=True,
         )
+    update_section("healing", "repair-evidence", markdown(record))
     for r in rows(budget["runs"], args.num_layers):
         if r["ratio"]:
             print(
