@@ -35,7 +35,8 @@ from report import ROOT, update_section
 RUNS = {  # key -> recipe flags (besides the shared budget and evaluation flags)
     "control_r2": ["--config", "prune_heal", "--stages", "[]"],
     "control_r8": ["--config", "prune_distill_heal", "--stages", "[]", "--model.init_args.distill", "null"],
-    "bi_none": ["--config", "prune_heal", "--prune.compensation", "none", "--dry_run", "true"],
+    # removal without compensation: its "after prune" entry (one optimizer step so the run records it)
+    "bi_none": ["--config", "prune_heal", "--prune.compensation", "none", "--trainer.max_steps", "1", "--trainer.val_check_interval", "1"],
     "bi_lora": ["--config", "prune_heal"],
     "bi_distill": ["--config", "prune_distill_heal"],
     "come_mse": ["--config", "come_sp", "--model.init_args.loss", "mse_norm", "--model.init_args.learning_rate", "1e-3"],
@@ -104,6 +105,7 @@ def shared_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--model.init_args.model", args.model, "--evaluate", "true", "--trainer.enable_progress_bar", "false"]
     flags += ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps), "--trainer.limit_val_batches", "0"]
     flags += ["--trainer.accumulate_grad_batches", str(args.accumulate), "--trainer.callbacks", "[]"]
+    flags += ["--trainer.enable_checkpointing", "false"]  # no Lightning default checkpoint (0.5-1 GB per run)
     flags += [
         "--data.init_args.batch_size",
         str(args.batch_size),
@@ -160,7 +162,8 @@ def run(args: argparse.Namespace, key: str) -> dict:
     from lightning_prune.cli import main
 
     directory = run_dir(args, key)
-    argv = ["fit", *RUNS[key], "--run_dir", shown(directory), *shared_flags(args)]
+    config, own = RUNS[key][:2], RUNS[key][2:]  # the run's own flags come last, so they win over the shared ones
+    argv = ["fit", *config, *shared_flags(args), *own, "--run_dir", shown(directory)]
     Timed.seconds, start, load = 0.0, time.perf_counter(), os.getloadavg()[0]
     main(argv)
     seconds = time.perf_counter() - start

@@ -182,7 +182,7 @@ class StageCallback(L.Callback):
 
     # ----- measuring and the run directory ---------------------------------------------------
     def _measure(self, trainer: L.Trainer, model: torch.nn.Module, tokenizer, label: str, **extra) -> None:
-        if self.evaluation is None:
+        if self.evaluation is None or self.dry_run:  # a dry run writes nothing but decisions.json
             return
         if trainer.is_global_zero:
             values = self.evaluation.evaluate(model, tokenizer)
