@@ -118,20 +118,7 @@ def test_merge_then_heal(tiny_dir, tmp_path):
 
 def test_merge_then_distill_trains_only_the_merged_layers(tiny_dir, tmp_path):
     module = LayerwiseDistillation(model=str(tiny_dir), mode="sp", learning_rate=1e-2)
-    module.configure_model()
-    callback = StageCallback([MergeStage(num_layers=2, batch_size=2)], run_dir=str(tmp_path))
-    data = TextDataModule(tokenizer=str(tiny_dir), seq_len=32, num_train_samples=8, calibration_samples=4, batch_size=2)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, datamodule=data)
+    callback = fit(tiny_dir, tmp_path, module, [MergeStage(num_layers=2, batch_size=2)])
     merge = callback.decisions[0]
     merged = set(merge.merged_positions())
     after_merge = merge.tensors()
