@@ -77,7 +77,7 @@ class RunDirectory:
         if existing and not self.overwrite:
             raise InputError(
                 f"output_dir {str(self.path)!r} already holds results ({', '.join(existing)}); "
-                "choose another directory or pass --overwrite true"
+                "choose another directory or pass --overwrite"
             )
 
     def _publish(self, temporary: Path, name: str) -> Path:

@@ -79,7 +79,7 @@ def test_cli_evaluate_with_tasks(capsys, tiny_dir, tmp_path):
         tiny_dir,
         "--seq_len",
         32,
-        "--num_samples",
+        "--eval_samples",
         2,
         "--tasks",
         "arc_easy,mine",

@@ -7,7 +7,7 @@ import torch
 from conftest import read_decision, run_cli
 from transformers import AutoModelForCausalLM
 
-SMALL = ("--seq_len", 16, "--num_samples", 4, "--calibration_samples", 4, "--batch_size", 4)
+SMALL = ("--seq_len", 16, "--eval_samples", 4, "--calibration_samples", 4, "--batch_size", 4)
 
 
 def test_merge_writes_reloadable_model_and_decisions(capsys, tiny_dir, tmp_path):

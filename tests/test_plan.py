@@ -9,22 +9,22 @@ from transformers import AutoModelForCausalLM
 
 SMALL = ["--seq_len", 32, "--calibration_samples", 4, "--batch_size", 4]
 COMMANDS = {
-    "prune": ["prune", "--num_layers", 2, "--selection", "iterative", "--compensation", "magnitude", "--num_samples", 2],
+    "prune": ["prune", "--num_layers", 2, "--selection", "iterative", "--compensation", "magnitude", "--eval_samples", 2],
     "prune_projection": [
         "prune",
         "--num_layers",
         2,
         "--compensation",
         "projection",
-        "--num_samples",
+        "--eval_samples",
         2,
         "--calibration_samples",
         4,
         "--seq_len",
         64,
     ],
-    "merge": ["merge", "--num_layers", 2, "--num_samples", 2],
-    "sparsify": ["sparsify", "--method", "sparsegpt", "--allocation", "dlp", "--sparsity", 0.6, "--data", "wikitext2", "--eval_samples", 2],
+    "merge": ["merge", "--num_layers", 2, "--eval_samples", 2],
+    "sparsify": ["sparsify", "--method", "sparsegpt", "--allocation", "dlp", "--sparsity", 0.6, "--calibration_data", "wikitext2", "--eval_samples", 2],
 }
 
 
@@ -88,7 +88,7 @@ def test_recipe_dry_run_stops_before_training(capsys, tiny_dir, tmp_path):
 
 def test_plan_for_another_model_or_corrupted_is_refused(capsys, tiny_dir, tmp_path, tiny_tokenizer):
     run = tmp_path / "run"
-    code, _, err = run_cli(capsys, "prune", "--model", tiny_dir, *SMALL, "--layers", "1,2", "--num_samples", 2, "--output_dir", run)
+    code, _, err = run_cli(capsys, "prune", "--model", tiny_dir, *SMALL, "--layers", "1,2", "--eval_samples", 2, "--output_dir", run)
     assert code == 0, err
     other = tmp_path / "qwen"
     make_tiny_model("qwen2").save_pretrained(other)

@@ -28,11 +28,11 @@ def test_evaluate_and_prune_demo(tmp_path, capsys):
             "evaluate",
             "--model",
             "demo",
-            "--data",
+            "--eval_data",
             "wikitext2",
             "--seq_len",
             "128",
-            "--num_samples",
+            "--eval_samples",
             "16",
             "--output_dir",
             str(tmp_path / "eval"),
@@ -41,7 +41,7 @@ def test_evaluate_and_prune_demo(tmp_path, capsys):
     dense = json.loads((tmp_path / "eval" / "metrics.json").read_text())["perplexity"]["wikitext2"]
     assert math.isfinite(dense) and 20 < dense < 200
     out_dir = tmp_path / "pruned"
-    main(["prune", "--model", "demo", "--layers", "24,25", "--seq_len", "64", "--num_samples", "4", "--output_dir", str(out_dir)])
+    main(["prune", "--model", "demo", "--layers", "24,25", "--seq_len", "64", "--eval_samples", "4", "--output_dir", str(out_dir)])
     capsys.readouterr()
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["after"]["num_layers"] == 28

@@ -32,9 +32,9 @@ class StageRun:
         calibration_data: wikitext2 / c4 (validation split), a text/jsonl file, or a task (arc_easy, piqa, boolq).
         calibration_samples: calibration blocks of seq_len tokens (or task items), drawn with seed.
         seed: seed of the calibration draw (and of the random metric).
-        data: comma-separated evaluation sources (wikitext2, c4, text/jsonl paths), test split.
+        eval_data: comma-separated evaluation sources (wikitext2, c4, text/jsonl paths), test split.
         seq_len: tokens per calibration and evaluation block.
-        num_samples: evaluation blocks per source.
+        eval_samples: evaluation blocks per source.
         batch_size: blocks per forward pass.
         dtype: auto (bfloat16 on a CUDA device that supports it, else float32), float32, bfloat16 or float16.
         device: auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps.
@@ -47,9 +47,9 @@ class StageRun:
     calibration_data: str = "wikitext2"
     calibration_samples: int = 64
     seed: int = 0
-    data: str = "wikitext2"
+    eval_data: str = "wikitext2"
     seq_len: int = 128
-    num_samples: int = 64
+    eval_samples: int = 64
     batch_size: int = 8
     dtype: str = "auto"
     device: str = "auto"
@@ -66,8 +66,8 @@ class StageRun:
             calibration_data=self.calibration_data,
             calibration_samples=self.calibration_samples,
             seed=self.seed,
-            eval_data=self.data,
-            eval_samples=self.num_samples,
+            eval_data=self.eval_data,
+            eval_samples=self.eval_samples,
             seq_len=self.seq_len,
             batch_size=self.batch_size,
             dtype=self.dtype,
@@ -89,7 +89,10 @@ def _calibration(stage: Stage, tokenizer, source: str, *, seq_len: int, num_samp
             tokenizer, source, getattr(stage, "metric", ""), seq_len=seq_len, num_samples=num_samples, seed=seed
         )
         return blocks, scoring
-    return load_blocks(tokenizer, source, split="validation", seq_len=seq_len, num_samples=num_samples, seed=seed), None
+    blocks = load_blocks(
+        tokenizer, source, split="validation", seq_len=seq_len, num_samples=num_samples, seed=seed, option="calibration_samples"
+    )
+    return blocks, None
 
 
 def run_stage(

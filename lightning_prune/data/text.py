@@ -115,7 +115,13 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
 
 
 def token_blocks(
-    ids: torch.Tensor, seq_len: int, num_samples: int | None = None, *, seed: int | None = None, source: str = "data"
+    ids: torch.Tensor,
+    seq_len: int,
+    num_samples: int | None = None,
+    *,
+    seed: int | None = None,
+    source: str = "data",
+    option: str = "num_samples",
 ) -> torch.Tensor:
     """Cut ``ids`` into non-overlapping blocks, shape (num_samples, seq_len).
 
@@ -125,6 +131,7 @@ def token_blocks(
         num_samples: blocks to return (default: all).
         seed: ``None`` takes the first blocks; an int draws distinct blocks at random with it.
         source: name used in error messages.
+        option: the user's name for ``num_samples`` in error messages.
     """
     if seq_len <= 0:
         raise InputError(f"seq_len must be a positive number of tokens, got {seq_len}")
@@ -134,11 +141,11 @@ def token_blocks(
     if num_samples is None:
         num_samples = available
     if num_samples <= 0:
-        raise InputError(f"num_samples must be positive, got {num_samples}")
+        raise InputError(f"{option} must be positive, got {num_samples}")
     if num_samples > available:
         raise InputError(
-            f"num_samples={num_samples} is more than {source} yields: {available} blocks of {seq_len} tokens; "
-            f"use num_samples <= {available} or a shorter seq_len"
+            f"{option}={num_samples} is more than {source} yields: {available} blocks of {seq_len} tokens; "
+            f"use {option} <= {available} or a shorter seq_len"
         )
     blocks = ids[: available * seq_len].view(available, seq_len)
     if seed is None:
@@ -147,7 +154,16 @@ def token_blocks(
     return blocks[torch.randperm(available, generator=generator)[:num_samples]].clone()
 
 
-def load_blocks(tokenizer, source: str, *, split: str, seq_len: int, num_samples: int | None, seed: int | None = None) -> torch.Tensor:
+def load_blocks(
+    tokenizer,
+    source: str,
+    *,
+    split: str,
+    seq_len: int,
+    num_samples: int | None,
+    seed: int | None = None,
+    option: str = "num_samples",
+) -> torch.Tensor:
     """Read, tokenize and cut a data source in one call (see :func:`token_blocks`)."""
     ids = tokenize_text(tokenizer, read_text(source, split))
-    return token_blocks(ids, seq_len, num_samples, seed=seed, source=repr(source))
+    return token_blocks(ids, seq_len, num_samples, seed=seed, source=repr(source), option=option)

@@ -7,13 +7,16 @@ directory, a ``.gguf`` file, or a Hugging Face Hub id. All go through the same
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from lightning_prune.errors import InputError, MissingInputError
 from lightning_prune.model.anatomy import family_spec
 from lightning_prune.model.demo import demo_gguf_path
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "DTYPES",
@@ -105,6 +108,8 @@ def _as_plain_model(model) -> None:
 
 def load_config(name: str, *, trust_remote_code: bool = False):
     """Load and check the config of a model: the family must be supported."""
+    from transformers import AutoConfig
+
     source = resolve_model_source(name)
     try:
         config = AutoConfig.from_pretrained(source.name_or_path, trust_remote_code=trust_remote_code, **source.kwargs())
@@ -115,8 +120,10 @@ def load_config(name: str, *, trust_remote_code: bool = False):
     return config
 
 
-def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> "PreTrainedTokenizerBase":
     """Load the tokenizer of a model; a missing pad token is set to the EOS token."""
+    from transformers import AutoTokenizer
+
     source = resolve_model_source(name)
     tokenizer = AutoTokenizer.from_pretrained(source.name_or_path, trust_remote_code=trust_remote_code, **source.kwargs())
     if tokenizer.pad_token is None:
@@ -144,6 +151,8 @@ def load_model(
     if dtype not in DTYPES:
         raise InputError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     config = load_config(name, trust_remote_code=trust_remote_code)
+    from transformers import AutoModelForCausalLM
+
     source = resolve_model_source(name)
     model = AutoModelForCausalLM.from_pretrained(
         source.name_or_path,
