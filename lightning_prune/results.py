@@ -76,8 +76,7 @@ class RunDirectory:
         existing = [name for name in RESULT_NAMES if (self.path / name).exists()]
         if existing and not self.overwrite:
             raise InputError(
-                f"output_dir {str(self.path)!r} already holds results ({', '.join(existing)}); "
-                "choose another directory or pass --overwrite"
+                f"output_dir {str(self.path)!r} already holds results ({', '.join(existing)}); choose another directory or pass --overwrite"
             )
 
     def _publish(self, temporary: Path, name: str) -> Path:

@@ -24,7 +24,19 @@ COMMANDS = {
         64,
     ],
     "merge": ["merge", "--num_layers", 2, "--eval_samples", 2],
-    "sparsify": ["sparsify", "--method", "sparsegpt", "--allocation", "dlp", "--sparsity", 0.6, "--calibration_data", "wikitext2", "--eval_samples", 2],
+    "sparsify": [
+        "sparsify",
+        "--method",
+        "sparsegpt",
+        "--allocation",
+        "dlp",
+        "--sparsity",
+        0.6,
+        "--calibration_data",
+        "wikitext2",
+        "--eval_samples",
+        2,
+    ],
 }
 
 

@@ -3,7 +3,6 @@
 from collections.abc import Sequence
 from pathlib import Path
 
-
 __all__ = ["pyplot", "score_bars", "relevance_heatmap"]
 
 
