@@ -10,7 +10,9 @@ stderr and exit code 2.
 import inspect
 import json
 import logging
+import os
 import sys
+import traceback
 import typing
 import warnings
 from collections.abc import Callable
@@ -35,9 +37,20 @@ RENAMED_OPTIONS = {
 }
 # A recipe's own yes/no options (the LightningCLI's top level) that may be given bare.
 RECIPE_FLAGS = ("dry_run", "evaluate")
+# ``--verbose`` (any command) or this variable set to 1: an error prints its full detail before its one line.
+VERBOSE_ENV = "LIGHTNING_PRUNE_VERBOSE"
 
 
-def _fail(message: str) -> None:
+def _verbose(argv: list[str]) -> list[str]:
+    """Drop ``--verbose`` from ``argv``, remembering it in :data:`VERBOSE_ENV`."""
+    if "--verbose" in argv:
+        os.environ[VERBOSE_ENV] = "1"
+    return [token for token in argv if token != "--verbose"]
+
+
+def _fail(message: str, error: BaseException | None = None) -> None:
+    if error is not None and os.environ.get(VERBOSE_ENV) == "1":
+        traceback.print_exception(error, file=sys.stderr)
     first_line = " ".join(message.split()) or "invalid input"
     print(f"{PROG}: error: {first_line}", file=sys.stderr)
     sys.exit(2)
@@ -153,6 +166,8 @@ def _in_chain(error: BaseException, kind: type) -> BaseException | None:
 
 def lightning_main(args: list[str] | None = None) -> None:
     """Run the LightningCLI (``fit``/``validate``/``test``) with our modules and callbacks."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from lightning_prune.callbacks.stage import PlanOnly
     from lightning_prune.lightning_cli import PruneCLI
     from lightning_prune.recipes import resolve_config_args
@@ -166,10 +181,10 @@ def lightning_main(args: list[str] | None = None) -> None:
         if plan is not None:
             print(f"dry run: plan written to {plan}; nothing was trained")
             return
-        cause = _in_chain(error, InputError)
+        cause = _in_chain(error, InputError) or _in_chain(error, MisconfigurationException)
         if cause is None:
             raise
-        _fail(str(cause))
+        _fail(str(cause), error)
 
 
 def recipes_main(args: list[str]) -> None:
@@ -190,7 +205,7 @@ def recipes_main(args: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``lightning-prune`` console script."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = _verbose(sys.argv[1:] if argv is None else list(argv))
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
         lightning_main(argv)
         return
@@ -204,10 +219,19 @@ def main(argv: list[str] | None = None) -> None:
         argv = [selected, *bare_flags(renamed_options(selected, argv[1:]), _bool_options(COMMANDS[selected]))]
     config = build_parser(COMMANDS, selected).parse_args(argv)
     options = config[config.command].as_dict()
+    from lightning_prune.commands.staged import StageRun
+    from lightning_prune.run_state import guarded_output
+    from lightning_prune.validation.preflight import check_command
+
+    if "output_dir" in options and not options["output_dir"] and StageRun in _groups(COMMANDS[config.command]).values():
+        options["output_dir"] = f"runs/{config.command}"  # StageRun's default, made explicit so it is checked and guarded
+
     try:
-        result = _call(COMMANDS[config.command], options)
+        check_command(options)
+        with guarded_output(options.get("output_dir"), options.get("overwrite", False)):
+            result = _call(COMMANDS[config.command], options)
     except InputError as error:
-        _fail(str(error))
+        _fail(str(error), error)
     print(json.dumps(result, indent=2, default=str))
 
 

@@ -123,6 +123,6 @@ def is_task(source: str) -> bool:
     path = Path(source)
     if path.suffix != ".jsonl" or not path.is_file():
         return False
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8", errors="replace") as handle:  # decoding is checked when the file is read
         first = next((line for line in handle if line.strip()), "")
     return '"query"' in first

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from lightning_prune.data.decoding import check_utf8_prefix, read_utf8
 from lightning_prune.errors import InputError, MissingInputError
 
 __all__ = ["NAMED_CORPORA", "SPLITS", "corpus_file", "data_key", "iter_jsonl", "read_text", "tokenize_text", "token_blocks", "load_blocks"]
@@ -40,17 +41,16 @@ def data_key(source: str) -> str:
 
 def iter_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
     """Yield ``("file:line", record)`` for each non-blank line of a jsonl file."""
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise InputError(f"{path}:{number} is not valid JSON ({error.msg}); expected one object per line") from error
-            if not isinstance(record, dict):
-                raise InputError(f"{path}:{number} is not a JSON object; expected one object per line")
-            yield f"{path}:{number}", record
+    for number, line in enumerate(read_utf8(path, f"data file {str(path)!r}").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{path}:{number} is not valid JSON ({error.msg}); expected one object per line") from error
+        if not isinstance(record, dict):
+            raise InputError(f"{path}:{number} is not a JSON object; expected one object per line")
+        yield f"{path}:{number}", record
 
 
 def _read_jsonl(path: Path, field: str) -> str:
@@ -58,7 +58,9 @@ def _read_jsonl(path: Path, field: str) -> str:
     for where, record in iter_jsonl(path):
         if field not in record:
             raise InputError(f"{where} has no {field!r} field; each line needs a {field!r} string")
-        texts.append(str(record[field]))
+        if not isinstance(record[field], str):
+            raise InputError(f"{where} has {field!r} = {record[field]!r}; each line needs a {field!r} string")
+        texts.append(record[field])
     return "\n\n".join(texts)
 
 
@@ -94,6 +96,7 @@ def local_data_file(source: str, split: str = "test") -> Path | None:
         raise InputError(f"data path {source!r} is a directory; pass a text or jsonl file")
     if path.stat().st_size == 0:
         raise InputError(f"data file {source!r} is empty; pass a file with text in it")
+    check_utf8_prefix(path, f"data file {source!r}")
     return path
 
 
@@ -102,7 +105,7 @@ def read_text(source: str, split: str = "test", *, text_field: str = "text") -> 
     path = local_data_file(source, split)
     if path is None:
         return _read_hf_dataset(source, split, text_field)
-    text = _read_jsonl(path, text_field) if path.suffix == ".jsonl" else path.read_text(encoding="utf-8")
+    text = _read_jsonl(path, text_field) if path.suffix == ".jsonl" else read_utf8(path, f"data file {source!r}")
     if not text.strip():
         raise InputError(f"data file {source!r} is empty; pass a file with text in it")
     return text

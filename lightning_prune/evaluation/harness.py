@@ -19,6 +19,7 @@ from torch import nn
 
 from lightning_prune.data.tasks import TASK_NAMES, load_task, task_file
 from lightning_prune.errors import InputError, MissingInputError
+from lightning_prune.validation.names import check_task_name
 
 __all__ = ["PROMPT_FORMAT", "resolve_tasks", "check_task_options", "task_config", "evaluate_tasks"]
 
@@ -44,6 +45,7 @@ def resolve_tasks(names: list[str], task_dir: str | None = None) -> dict[str, Pa
         raise MissingInputError(f"--task_dir {task_dir!r} is not a directory of <task>.jsonl files")
     files = {}
     for name in names:
+        check_task_name(name)
         if directory is not None and (directory / f"{name}.jsonl").is_file():
             files[name] = (directory / f"{name}.jsonl").resolve()
         elif name in TASK_NAMES:
