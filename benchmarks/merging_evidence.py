@@ -89,7 +89,7 @@ def training_free(model, tokenizer, evaluation, args, results: dict) -> None:
 
 
 def distill(evaluation, args, results: dict, name: str, **options) -> None:
-    saved = torch.load(args.work / "come.pt")
+    saved = torch.load(args.work / "come.pt", weights_only=True)
     module = LayerwiseDistillation(model="demo", **options)
     module.configure_model()
     rebuild_merged_architecture(module.model, saved["groups"])

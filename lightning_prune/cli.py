@@ -28,6 +28,8 @@ PROG = "lightning-prune"
 # bitsandbytes announces on import that an optional CPU kernel package is absent; its
 # fallback kernels are used and the notice is not an error of the user's run.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# LightningCLI seeds every recipe and says so on stderr; the seed is in the run's config.yaml.
+logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Old option names, accepted for one release with a note: {old: {command: new}}.
 RENAMED_OPTIONS = {

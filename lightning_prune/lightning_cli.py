@@ -18,6 +18,7 @@ architecture before Lightning loads its weights.
 """
 
 import difflib
+import re
 from pathlib import Path
 
 from jsonargparse import ActionConfigFile
@@ -25,6 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
+from lightning_prune.callbacks.cleanup import RemoveFailedRun
 from lightning_prune.callbacks.stage import StageCallback
 from lightning_prune.errors import InputError
 from lightning_prune.evaluation.suite import EvaluationSuite
@@ -32,6 +34,7 @@ from lightning_prune.model.loading import load_config
 from lightning_prune.results import RunDirectory
 from lightning_prune.stages import STAGES
 from lightning_prune.stages.plan import check_stages
+from lightning_prune.validation.recipe import check_checkpoint_file, check_recipe
 
 __all__ = ["PruneCLI", "RunConfig", "RecipeParser", "RecipeError"]
 
@@ -47,10 +50,24 @@ class RecipeParser(LightningArgumentParser):
         raise RecipeError(_condensed(message))
 
 
+def _essential(lines: list[str]) -> str:
+    """The first line, completed by what it announces: the expected type and value, or the YAML problem."""
+    first = lines[0] if lines else "invalid recipe"
+    nested = re.search(r"NestedArg\(key='([^']+)', val='([^']*)'\)", " ".join(lines))
+    if first.startswith("Parser key") and nested:
+        return f"{first} {nested.group(1)} does not accept {nested.group(2)!r}"
+    expected = [line for line in lines[1:] if line.startswith(("Expected", "- Expected")) and "NoneType" not in line]
+    if first.startswith("Parser key") and expected:
+        return f"{first} {expected[0].lstrip('- ')}"
+    if first.startswith("Problems parsing config"):
+        return " ".join(lines)
+    return first
+
+
 def _condensed(message: str) -> str:
     """The essential line of a jsonargparse message, with the valid options of a mistyped stage key."""
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    first = lines[0] if lines else "invalid recipe"
+    first = _essential(lines)
     for line in lines:
         if "unrecognized arguments" in line or "does not accept nested key" in line or "No action for key" in line:
             first = line
@@ -105,6 +122,18 @@ class PruneCLI(LightningCLI):
         parser.add_argument("--dry_run", type=bool, default=False, help="Plan, write decisions.json, print the plan, stop.")
         parser.link_arguments("model.init_args.model", "data.init_args.tokenizer")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse, then check a ``--ckpt_path`` file before Lightning reads hyper-parameters from it."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and path != "last":
+            check_checkpoint_file(str(path))
+
+    def before_instantiate_classes(self) -> None:
+        """Check the parsed recipe (numbers, devices, model files, data, run_dir) before any class is built."""
+        check_recipe(self.config[self.subcommand] if self.subcommand else self.config)
+
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         run_dir = Path(config["run_dir"])
@@ -126,7 +155,7 @@ class PruneCLI(LightningCLI):
         for callback in callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 callback.dirpath = str(run_dir / "checkpoints")
-        kwargs.update(callbacks=[self.stage_callback, *callbacks], default_root_dir=str(run_dir))
+        kwargs.update(callbacks=[RemoveFailedRun(str(run_dir)), self.stage_callback, *callbacks], default_root_dir=str(run_dir))
         if config["dry_run"]:
             kwargs["logger"] = False  # a dry run writes nothing but decisions.json
         elif trainer.get("logger") in (None, True):

@@ -84,7 +84,7 @@ def run(model_dir: Path, devices: int, output: Path, evaluate: bool = False, tim
         _, stderr = process.communicate()
         pytest.fail(f"{devices}-process run did not finish in {timeout} s:\n{stderr[-3000:]}")
     assert process.returncode == 0, stderr[-3000:]
-    return [torch.load(output / f"rank{rank}.pt") for rank in range(devices)]
+    return [torch.load(output / f"rank{rank}.pt", weights_only=True) for rank in range(devices)]
 
 
 def test_ddp_prunes_alike_and_trains_like_one_process(tiny_dir, tmp_path):

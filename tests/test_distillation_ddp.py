@@ -69,7 +69,7 @@ def run(model_dir: Path, devices: int, output: Path) -> list[dict]:
         [sys.executable, str(HERE), str(model_dir), str(devices), str(output)], timeout=300, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return [torch.load(output / f"student-rank{rank}.pt") for rank in range(devices)]
+    return [torch.load(output / f"student-rank{rank}.pt", weights_only=True) for rank in range(devices)]
 
 
 def test_ddp_teacher_forced_mp_equals_sequential(tiny_dir, tmp_path):

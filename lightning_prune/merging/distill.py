@@ -268,7 +268,7 @@ class BoundaryCache:
             return self.memory[key]
         device = next(self.teacher.parameters()).device
         if key in self.on_disk:
-            entry = torch.load(self.directory / f"{key}.pt", map_location=device)
+            entry = torch.load(self.directory / f"{key}.pt", map_location=device, weights_only=True)
             return entry
         entry = self._compute(input_ids)
         size = sum(t.numel() * t.element_size() for part in entry.values() for t in part.values())
