@@ -62,21 +62,23 @@ class TextDataModule(L.LightningDataModule):
             self._tokenizer = load_tokenizer(self.hparams.tokenizer)
         return self._tokenizer
 
-    def _blocks(self, source: str, split: str, num_samples: int | None, seed: int | None) -> torch.Tensor:
+    def _blocks(self, source: str, split: str, num_samples: int | None, seed: int | None, option: str) -> torch.Tensor:
         hp = self.hparams
-        return load_blocks(self.tokenizer, source, split=split, seq_len=hp.seq_len, num_samples=num_samples, seed=seed)
+        return load_blocks(
+            self.tokenizer, source, split=split, seq_len=hp.seq_len, num_samples=num_samples, seed=seed, option=f"data.init_args.{option}"
+        )
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
         if stage == "fit" and self.train_blocks is None:
-            self.train_blocks = self._blocks(hp.train_data, hp.train_split, hp.num_train_samples, hp.seed)
+            self.train_blocks = self._blocks(hp.train_data, hp.train_split, hp.num_train_samples, hp.seed, "num_train_samples")
         if stage in ("fit", "validate") and self.val_blocks is None:
-            self.val_blocks = self._blocks(hp.val_data, hp.val_split, hp.num_val_samples, None)
+            self.val_blocks = self._blocks(hp.val_data, hp.val_split, hp.num_val_samples, None, "num_val_samples")
 
     def calibration_blocks(self) -> torch.Tensor:
         """``calibration_samples`` distinct blocks of the training split, drawn with ``seed``."""
         hp = self.hparams
-        return self._blocks(hp.train_data, hp.train_split, hp.calibration_samples, hp.seed)
+        return self._blocks(hp.train_data, hp.train_split, hp.calibration_samples, hp.seed, "calibration_samples")
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams

@@ -38,6 +38,26 @@ def _check_devices(devices) -> None:
         raise InputError("--trainer.devices [] names no device; use a positive number, -1 (all) or auto")
 
 
+def _check_accelerator_and_strategy(trainer: dict) -> None:
+    """A named accelerator must be registered and available here; a named strategy registered."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    accelerator, strategy = trainer.get("accelerator", "auto"), trainer.get("strategy", "auto")
+    if isinstance(accelerator, str) and accelerator not in ("auto", "gpu"):
+        names = sorted(AcceleratorRegistry.available_accelerators())
+        if accelerator not in names:
+            raise InputError(f"--trainer.accelerator {accelerator!r} is not an accelerator; choose auto, gpu or one of {', '.join(names)}")
+        try:
+            available = AcceleratorRegistry[accelerator]["accelerator"].is_available()
+        except Exception:  # an accelerator whose backend is not installed cannot say, and is not available
+            available = False
+        if not available:
+            raise InputError(f"--trainer.accelerator {accelerator!r} is not available here; use auto or cpu")
+    if isinstance(strategy, str) and strategy != "auto" and strategy not in StrategyRegistry.available_strategies():
+        raise InputError(f"--trainer.strategy {strategy!r} is not a strategy; use auto, ddp, ddp_spawn, fsdp, deepspeed, ...")
+
+
 def _check_steps(trainer: dict) -> None:
     for name in ("max_steps", "max_epochs"):
         value = trainer.get(name)
@@ -125,6 +145,7 @@ def check_recipe(config) -> None:
     check_numbers(data, "--data.init_args.")
     check_numbers(_plain(config.get("evaluation")), "--evaluation.")
     _check_devices(trainer.get("devices", "auto"))
+    _check_accelerator_and_strategy(trainer)
     _check_steps(trainer)
     _check_val_interval(trainer, data)
     _check_ckpt_option(config, trainer)
