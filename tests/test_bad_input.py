@@ -66,6 +66,7 @@ BAD_VALUES = {
         ("folder", "is a directory"),
     ],
     "tasks": [("../x", "is not a task name"), ("/abs/path", "is not a task name")],
+    "plan": [("missing.json", "does not exist"), ("notes.txt", "is not valid JSON")],
     "output_dir": [("a-file/run", "is a file, not a directory"), ("a-file", "is a file; pass a directory")],
 }
 BAD_VALUES["calibration_data"] = BAD_VALUES["eval_data"][:5]
@@ -222,6 +223,7 @@ RECIPE_CASES = {
     "strategy": (["--trainer.strategy", "nostrategy"], "--trainer.strategy 'nostrategy' is not a strategy"),
     "model": (["--model.init_args.model", "truncated"], "is truncated"),
     "train-data": (["--data.init_args.train_data", "latin1.txt"], "is not UTF-8 text"),
+    "evaluation-data": (["--evaluation.data", "wikitext2,binary.txt"], "is binary"),
     "null-text": (["--data.init_args.train_data", "null-text.jsonl"], "has 'text' = None"),
     "task-path": (["--evaluation.tasks", "../x"], "is not a task name"),
     "ckpt-missing": (["--ckpt_path", "missing.ckpt"], "does not exist"),
@@ -253,7 +255,9 @@ def test_verbose_prints_the_detail_before_the_one_line(capsys, world, monkeypatc
 
 
 def test_a_recipe_that_fails_after_it_started_leaves_no_run_directory(capsys, world):
-    code, _, err = run_cli(capsys, *RECIPE, "--data.init_args.calibration_samples", 100000, "--evaluate", "false")
+    (world / "short.txt").write_text("A short story about a tiny model. " * 40)
+    flags = ["--data.init_args.train_data", "short.txt", "--data.init_args.calibration_samples", 100000, "--evaluate", "false"]
+    code, _, err = run_cli(capsys, *RECIPE, *flags)
     assert code == 2 and "data.init_args.calibration_samples=100000 is more than" in err
     assert not Path("run").exists()
 

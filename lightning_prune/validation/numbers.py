@@ -23,9 +23,6 @@ RANGES = {
     "learning_rate": (0, False, "the peak learning rate"),
     "weight_decay": (0, True, "the AdamW weight decay"),
     "warmup_steps": (0, True, "warm-up optimizer steps"),
-    "limit": (1, True, "items per task (unset: all)"),
-    "num_fewshot": (0, True, "in-context examples"),
-    "grid": (1, True, "grid points"),
 }
 
 

@@ -7,7 +7,7 @@ location.
 """
 
 from lightning_prune.data.tasks import is_task, load_task
-from lightning_prune.data.text import local_data_file, read_text
+from lightning_prune.data.text import NAMED_CORPORA, local_data_file, read_text
 from lightning_prune.errors import InputError
 from lightning_prune.evaluation.suite import split_names
 from lightning_prune.model.loading import load_config, resolve_device, resolve_dtype
@@ -37,7 +37,7 @@ def check_model(name: str) -> None:
 def check_data_source(source: str, option: str) -> None:
     """A local data file exists, is non-empty and decodes; when small it is read in full (text fields, task items)."""
     path = local_data_file(source)
-    if path is None or path.stat().st_size > FULL_READ_BYTES:
+    if path is None or source in NAMED_CORPORA or path.stat().st_size > FULL_READ_BYTES:
         return
     try:
         if is_task(source):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lightning_prune.callbacks.checkpoints import read_checkpoint
 from lightning_prune.errors import InputError
+from lightning_prune.evaluation.suite import split_names
 from lightning_prune.run_state import clean_stale
 from lightning_prune.validation.locations import check_output_location
 from lightning_prune.validation.numbers import check_numbers
@@ -143,7 +144,8 @@ def check_recipe(config) -> None:
     model, data = (_plain(_plain(config.get(name)).get("init_args")) for name in ("model", "data"))
     check_numbers(model, "--model.init_args.")
     check_numbers(data, "--data.init_args.")
-    check_numbers(_plain(config.get("evaluation")), "--evaluation.")
+    evaluation = _plain(config.get("evaluation"))
+    check_numbers(evaluation, "--evaluation.")
     _check_devices(trainer.get("devices", "auto"))
     _check_accelerator_and_strategy(trainer)
     _check_steps(trainer)
@@ -154,3 +156,5 @@ def check_recipe(config) -> None:
     for option in ("train_data", "val_data"):
         if isinstance(data.get(option), str):
             check_data_source(data[option], f"data.init_args.{option}")
+    for source in split_names(evaluation.get("data") or "") if config.get("evaluate", True) else []:
+        check_data_source(source, "evaluation.data")
