@@ -42,6 +42,8 @@ BAD_VALUES = {
         ("broken-header", "corrupt"),
         ("wrong-type-config", "invalid config.json"),
         ("not-json-config", "config.json is not valid JSON"),
+        ("missing-shard", "is missing the shard model-00002-of-00002.safetensors"),
+        ("bad-bin", "is not a PyTorch weight archive"),
         ("notes.txt", "is not a .gguf file"),
         ("fake.gguf", "is not a GGUF file"),
         ("someone/some-model", "the Hub cannot be reached"),
@@ -109,7 +111,7 @@ def _write_bad_models(world: Path) -> None:
     model.save_pretrained(good)
     config = json.loads((good / "config.json").read_text())
     weights = (good / "model.safetensors").read_bytes()
-    for name in ("no-weights", "truncated", "broken-header", "wrong-type-config", "not-json-config"):
+    for name in ("no-weights", "truncated", "broken-header", "wrong-type-config", "not-json-config", "missing-shard", "bad-bin"):
         (world / name).mkdir()
         (world / name / "config.json").write_text(json.dumps(config))
     (world / "truncated" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
@@ -118,6 +120,10 @@ def _write_bad_models(world: Path) -> None:
     (world / "wrong-type-config" / "model.safetensors").write_bytes(weights)
     (world / "not-json-config" / "config.json").write_text("{model_type: llama")
     (world / "not-json-config" / "model.safetensors").write_bytes(weights)
+    shards = {"model.embed_tokens.weight": "model-00001-of-00002.safetensors", "lm_head.weight": "model-00002-of-00002.safetensors"}
+    (world / "missing-shard" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
+    (world / "missing-shard" / "model-00001-of-00002.safetensors").write_bytes(weights)
+    (world / "bad-bin" / "pytorch_model.bin").write_bytes(b"not a zip archive")
     (world / "notes.txt").write_text("not a model")
     (world / "fake.gguf").write_bytes(b"NOPE" + bytes(60))
 
