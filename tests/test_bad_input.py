@@ -339,3 +339,29 @@ def test_a_killed_prune_is_cleaned_and_rerun_by_the_same_command(capsys, world, 
     assert _leftovers(out) == []
     assert json.loads((out / "metrics.json").read_text())["after"]["num_layers"] == 5
     assert (out / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_killed_fit_resumes_or_restarts_with_the_same_command(capsys, world):
+    """SIGKILL a tiny prune_heal fit at a random point; the same command (plus --ckpt_path last if it saved one) finishes."""
+    import random
+
+    run = world / "killed-fit"
+    args = [*RECIPE, "--run_dir", run, "--evaluate", "false", "--trainer.max_steps", 6, "--trainer.accumulate_grad_batches", 1]
+    args += ["--trainer.enable_progress_bar", "false"]  # the recipe's ModelCheckpoint saves last.ckpt every 4 steps
+    command = [sys.executable, "-m", "lightning_prune.cli", *map(str, args)]
+    delay = random.uniform(2.0, 30.0)
+    for _ in range(4):
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        os.kill(process.pid, signal.SIGKILL)
+        if process.wait() == -signal.SIGKILL:
+            break
+        shutil.rmtree(run)
+        delay /= 2
+    resume = ["--ckpt_path", "last"] if (run / "checkpoints" / "last.ckpt").is_file() else []
+    code, _, err = run_cli(capsys, *args, *resume)
+    assert code == 0, err
+    assert _leftovers(run) == []
+    assert json.loads((run / "decisions.json").read_text())["decisions"][0]["kind"] == "prune"
+    assert json.loads((run / "model" / "config.json").read_text())["num_hidden_layers"] == 4
