@@ -19,6 +19,7 @@ from dataclasses import fields, is_dataclass
 from jsonargparse import ArgumentParser
 
 from lightning_prune.errors import InputError
+from lightning_prune.summary import summarize
 
 __all__ = ["main", "lightning_main", "build_parser"]
 
@@ -65,6 +66,7 @@ def _command_parser(name: str, function: Callable, full: bool) -> ArgumentParser
     sub = _OneLineParser(prog=f"{PROG} {name}", description=_summary(function))
     if not full:
         return sub
+    sub.add_argument("--json", type=bool, default=False, help="print the full result as JSON instead of the summary table")
     groups = _groups(function)
     sub.add_function_arguments(function, as_group=False, skip=set(groups))
     added = set(inspect.signature(function).parameters) - set(groups)
@@ -201,14 +203,15 @@ def main(argv: list[str] | None = None) -> None:
 
     selected = argv[0] if argv and argv[0] in COMMANDS else ""
     if selected:
-        argv = [selected, *bare_flags(renamed_options(selected, argv[1:]), _bool_options(COMMANDS[selected]))]
+        argv = [selected, *bare_flags(renamed_options(selected, argv[1:]), _bool_options(COMMANDS[selected]) | {"json"})]
     config = build_parser(COMMANDS, selected).parse_args(argv)
     options = config[config.command].as_dict()
+    as_json = options.pop("json")
     try:
         result = _call(COMMANDS[config.command], options)
     except InputError as error:
         _fail(str(error))
-    print(json.dumps(result, indent=2, default=str))
+    print(json.dumps(result, indent=2, default=str) if as_json else summarize(config.command, result))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ masks), so the result has the logits of the model the run saved right after its 
 from lightning_prune.commands.common import load_checked_model
 from lightning_prune.model.loading import load_config
 from lightning_prune.results import RunDirectory, model_summary
-from lightning_prune.stages.plan import apply_decisions, check_fingerprint, fingerprint, format_plan, plan_json, plan_tensors, read_plan
+from lightning_prune.stages.plan import apply_decisions, check_fingerprint, fingerprint, plan_json, plan_tensors, read_plan
 
 __all__ = ["apply"]
 
@@ -43,5 +43,11 @@ def apply(
     after = model_summary(lm)
     run.save_model(lm, tokenizer)
     run.write_plan(plan_json(decisions, fingerprint(config), model), plan_tensors(decisions))
-    print(format_plan(decisions, before, after))
-    return {"plan": str(plan), "model": model, "before": before, "after": after, "decisions": [d.summary() for d in decisions]}
+    return {
+        "plan": str(plan),
+        "model": model,
+        "output_dir": output_dir,
+        "before": before,
+        "after": after,
+        "decisions": [d.summary() for d in decisions],
+    }

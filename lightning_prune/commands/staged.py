@@ -139,6 +139,7 @@ def run_stage(
     after = evaluation.evaluate(lm, batch_size=batch_size)
     settings = {
         **settings,
+        "output_dir": output_dir,
         "stage": {"name": stage.name, **asdict(stage)},
         "data_files": evaluation.files,
         "calibration_file": calibration_data if is_task(calibration_data) else data_location(calibration_data, "validation"),
@@ -148,4 +149,4 @@ def run_stage(
     run.write_config(settings)
     record = run_record(settings, before=before, after=after, stage_seconds=seconds, **decision.measurements())
     run.write_json("metrics.json", record)
-    return {**record, "decisions": plan}
+    return {**record, "summary": [decision.summary()], "decisions": plan}
