@@ -19,6 +19,7 @@ from dataclasses import fields, is_dataclass
 from jsonargparse import ArgumentParser
 
 from lightning_prune.errors import InputError
+from lightning_prune.extras import missing_extra
 from lightning_prune.summary import summarize
 
 __all__ = ["main", "lightning_main", "build_parser"]
@@ -169,9 +170,10 @@ def lightning_main(args: list[str] | None = None) -> None:
             print(f"dry run: plan written to {plan}; nothing was trained")
             return
         cause = _in_chain(error, InputError)
-        if cause is None:
+        hint = missing_extra(error)
+        if cause is None and hint is None:
             raise
-        _fail(str(cause))
+        _fail(str(cause) if cause is not None else hint)
 
 
 def recipes_main(args: list[str]) -> None:
@@ -211,6 +213,11 @@ def main(argv: list[str] | None = None) -> None:
         result = _call(COMMANDS[config.command], options)
     except InputError as error:
         _fail(str(error))
+    except ModuleNotFoundError as error:
+        hint = missing_extra(error)
+        if hint is None:
+            raise
+        _fail(hint)
     print(json.dumps(result, indent=2, default=str) if as_json else summarize(config.command, result))
 
 

@@ -28,6 +28,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_prune.callbacks.stage import StageCallback
 from lightning_prune.errors import InputError
 from lightning_prune.evaluation.suite import EvaluationSuite
+from lightning_prune.extras import missing_extra, missing_extra_in
 from lightning_prune.model.loading import load_config
 from lightning_prune.results import RunDirectory
 from lightning_prune.stages import STAGES
@@ -44,7 +45,7 @@ class RecipeParser(LightningArgumentParser):
     """Parser whose errors are one :class:`RecipeError` instead of usage text plus a nested message."""
 
     def error(self, message: str, ex: Exception | None = None):
-        raise RecipeError(_condensed(message))
+        raise RecipeError(missing_extra(ex) or missing_extra_in(str(message)) or _condensed(message))
 
 
 def _condensed(message: str) -> str:

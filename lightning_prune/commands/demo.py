@@ -9,6 +9,7 @@ one); the console summary prints that file's rows as a table.
 import json
 from pathlib import Path
 
+from lightning_prune.extras import require
 from lightning_prune.results import RunDirectory
 
 __all__ = ["demo"]
@@ -33,6 +34,7 @@ def demo(
     from lightning_prune.cli import lightning_main
     from lightning_prune.recipes import recipe_path
 
+    require("peft", "demo (LoRA healing)")
     RunDirectory(output_dir, overwrite).check()
     args = ["fit", "--config", str(recipe_path("prune_heal")), "--run_dir", output_dir, "--model.init_args.model", model]
     if num_layers is not None:

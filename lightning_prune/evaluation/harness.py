@@ -19,6 +19,7 @@ from torch import nn
 
 from lightning_prune.data.tasks import TASK_NAMES, load_task, task_file
 from lightning_prune.errors import InputError, MissingInputError
+from lightning_prune.extras import require
 
 __all__ = ["PROMPT_FORMAT", "resolve_tasks", "check_task_options", "task_config", "evaluate_tasks"]
 
@@ -39,6 +40,7 @@ def resolve_tasks(names: list[str], task_dir: str | None = None) -> dict[str, Pa
     """
     if not names:
         raise InputError("--tasks names no task; pass e.g. arc_easy,piqa")
+    require("lm_eval", "--tasks (lm-eval accuracy)")
     directory = Path(task_dir).expanduser() if task_dir else None
     if directory is not None and not directory.is_dir():
         raise MissingInputError(f"--task_dir {task_dir!r} is not a directory of <task>.jsonl files")
