@@ -34,7 +34,11 @@ def _seconds(argv: list[str], cwd: Path, repeats: int) -> list[float]:
 
 
 def _cli(arguments: list[str]) -> list[str]:
-    return [sys.executable, "-c", f"import sys; sys.argv = ['lightning-prune', *{arguments!r}]; from lightning_prune.cli import main; main()"]
+    return [
+        sys.executable,
+        "-c",
+        f"import sys; sys.argv = ['lightning-prune', *{arguments!r}]; from lightning_prune.cli import main; main()",
+    ]
 
 
 def _stats(times: list[float]) -> dict:

@@ -18,6 +18,8 @@ architecture before Lightning loads its weights.
 """
 
 import difflib
+import logging
+import warnings
 from pathlib import Path
 
 from jsonargparse import ActionConfigFile
@@ -34,7 +36,22 @@ from lightning_prune.results import RunDirectory
 from lightning_prune.stages import STAGES
 from lightning_prune.stages.plan import check_stages
 
-__all__ = ["PruneCLI", "RunConfig", "RecipeParser", "RecipeError"]
+__all__ = ["PruneCLI", "RunConfig", "RecipeParser", "RecipeError", "quiet_third_party"]
+
+
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's "💡 Tip: … try installing …" product suggestions."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("💡 Tip:")
+
+
+def quiet_third_party() -> None:
+    """Silence adverts and deprecation notices that come from libraries' own calls, not from the user's recipe."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
+    # peft reads model.is_gradient_checkpointing (deprecated in transformers 5); Lightning's own pytree use
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 class RecipeError(InputError):
@@ -87,6 +104,7 @@ class PruneCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", RunConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True, "save_to_log_dir": False})
         kwargs.setdefault("seed_everything_default", 0)
+        quiet_third_party()
         self.stage_callback: StageCallback | None = None
         super().__init__(model_class=None, datamodule_class=None, subclass_mode_model=True, subclass_mode_data=True, args=args, **kwargs)
 

@@ -152,16 +152,22 @@ def load_model(
         raise InputError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     config = load_config(name, trust_remote_code=trust_remote_code)
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     source = resolve_model_source(name)
-    model = AutoModelForCausalLM.from_pretrained(
-        source.name_or_path,
-        config=config,
-        dtype=DTYPES[dtype],
-        trust_remote_code=trust_remote_code,
-        quantization_config=quantization_config,
-        **source.kwargs(),
-    )
+    if source.gguf_file:
+        hf_logging.disable_progress_bar()  # the per-tensor GGUF de-quantisation bar on every load says nothing useful
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.name_or_path,
+            config=config,
+            dtype=DTYPES[dtype],
+            trust_remote_code=trust_remote_code,
+            quantization_config=quantization_config,
+            **source.kwargs(),
+        )
+    finally:
+        hf_logging.enable_progress_bar()
     if source.gguf_file:
         _as_plain_model(model)
     if quantization_config is None:
