@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 
 from jsonargparse import ActionConfigFile
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
@@ -32,6 +32,7 @@ from lightning_prune.errors import InputError
 from lightning_prune.evaluation.suite import EvaluationSuite
 from lightning_prune.extras import missing_extra, missing_extra_in
 from lightning_prune.model.loading import load_config
+from lightning_prune.progress import StepBudgetProgressBar
 from lightning_prune.results import RunDirectory
 from lightning_prune.stages import STAGES
 from lightning_prune.stages.plan import check_stages
@@ -145,6 +146,8 @@ class PruneCLI(LightningCLI):
         for callback in callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 callback.dirpath = str(run_dir / "checkpoints")
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(StepBudgetProgressBar())
         kwargs.update(callbacks=[self.stage_callback, *callbacks], default_root_dir=str(run_dir))
         if config["dry_run"]:
             kwargs["logger"] = False  # a dry run writes nothing but decisions.json
