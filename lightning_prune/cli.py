@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
         result = _call(COMMANDS[config.command], options)
     except InputError as error:
         _fail(str(error))
-    print(json.dumps(result, indent=2, default=str))
+    if result is not None:  # generate and chat print their own output
+        print(json.dumps(result, indent=2, default=str))
 
 
 if __name__ == "__main__":

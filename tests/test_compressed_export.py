@@ -8,6 +8,7 @@ import torch
 from conftest import assert_one_line_error, random_ids, run_cli
 from transformers import AutoModelForCausalLM
 
+from lightning_prune.model.loading import load_model
 from lightning_prune.sparsity.compressed import load_compressed
 
 SMALL = ["--method", "magnitude", "--allocation", "uniform", "--seq_len", 32]
@@ -36,6 +37,8 @@ def test_compressed_export_reloads_to_the_dense_logits_and_is_smaller(tiny_dir, 
     reloaded = load_compressed(packed)
     ids = random_ids()
     assert torch.equal(reloaded(ids).logits, reference(ids).logits)
+    loaded, _ = load_model(str(packed))  # every command's loader recognises the export
+    assert torch.equal(loaded(ids).logits, reference(ids).logits)
     dense_bytes, packed_bytes = (dense / "model.safetensors").stat().st_size, (packed / "model.safetensors").stat().st_size
     assert packed_bytes < 0.85 * dense_bytes  # projections: half the values plus one bit per weight
     card = (packed / "README.md").read_text()
