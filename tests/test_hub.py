@@ -53,3 +53,22 @@ def test_a_malformed_repo_id_is_refused(hub):
         check_push("me/bad repo")
     check_push("me/good-repo")
     assert hub.requests == []  # checking talks to nobody
+
+
+def test_a_recipe_checks_credentials_before_any_work(no_token, tiny_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    options = [
+        "--config",
+        "prune_heal",
+        "--run_dir",
+        run,
+        "--model.init_args.model",
+        tiny_dir,
+        "--prune.num_layers",
+        1,
+        "--push_to_hub",
+        "me/tiny",
+    ]
+    code, _, err = run_cli(capsys, "fit", *options)
+    assert_one_line_error(code, err, "--push_to_hub 'me/tiny' needs Hub credentials")
+    assert not (run / "decisions.json").exists() and not (run / "model").exists()
