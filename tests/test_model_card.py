@@ -52,3 +52,24 @@ def test_card_front_matter_names_a_hub_base_model():
 def test_command_line_quotes_values_with_spaces_and_drops_unset_options():
     text = command_line("sparsify", {"model": "a b", "structure": None, "overwrite": False, "layers": [3, 1]})
     assert text == "lightning-prune sparsify \\\n  --model 'a b' \\\n  --overwrite false \\\n  --layers 3,1"
+
+
+def test_merge_and_apply_cards(tiny_dir, tmp_path, capsys):
+    merged = tmp_path / "merge"
+    options = ["--seq_len", 16, "--calibration_samples", 4, "--batch_size", 4]
+    code, _, err = run_cli(capsys, "merge", "--model", tiny_dir, "--num_layers", 1, *options, "--output_dir", merged)
+    assert code == 0, err
+    card = (merged / "model" / "README.md").read_text()
+    assert _front_matter(card)["tags"] == ["lightning-prune", "merged"]
+    assert "1. merge: 6 -> 5 layers, merged groups" in card and "- calibration: wikitext2 (validation split), 4 blocks of 16 tokens" in card
+
+    plan = tmp_path / "plan"
+    code, _, err = run_cli(capsys, "prune", "--model", tiny_dir, "--layers", "4", "--output_dir", plan, "--dry_run", "true")
+    assert code == 0, err
+    assert not (plan / "model").exists()  # a dry run saves no model, so no card
+    applied = tmp_path / "applied"
+    code, _, err = run_cli(capsys, "apply", "--plan", plan / "decisions.json", "--model", tiny_dir, "--output_dir", applied)
+    assert code == 0, err
+    card = (applied / "model" / "README.md").read_text()
+    assert "1. prune: remove layers [4]" in card and f"lightning-prune apply \\\n  --plan {plan / 'decisions.json'}" in card
+    assert "| decoder layers | 6 | 5 |" in card
