@@ -8,6 +8,7 @@ the measured metrics and the command or recipe that reproduces the model.
 import json
 import shlex
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 
@@ -33,6 +34,8 @@ def hub_base_model(model: str | None) -> str | None:
     if model == "demo":
         return DEMO_BASE_MODEL
     if not model or model.startswith(("/", ".", "~")) or model.endswith(".gguf") or model.count("/") != 1 or "\\" in model:
+        return None
+    if Path(model).exists():  # a local directory such as models/x
         return None
     return model
 

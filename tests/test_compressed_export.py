@@ -62,3 +62,21 @@ def test_missing_compressed_tensors_is_one_line_before_any_work(tiny_dir, tmp_pa
 def test_an_unknown_export_format_is_refused(tiny_dir, tmp_path, capsys):
     code, _, err = run_cli(capsys, "sparsify", "--model", tiny_dir, *SMALL, "--export_format", "gguf", "--output_dir", tmp_path / "r")
     assert_one_line_error(code, err, "export_format 'gguf' is not one of dense, compressed")
+
+
+def test_apply_replays_a_compressed_plan_and_needs_the_package(tiny_dir, tmp_path, capsys, monkeypatch):
+    plan = tmp_path / "plan"
+    code, _, err = run_cli(
+        capsys, "sparsify", "--model", tiny_dir, *SMALL, "--export_format", "compressed", "--output_dir", plan, "--dry_run", "true"
+    )
+    assert code == 0, err
+    applied = tmp_path / "applied"
+    code, _, err = run_cli(capsys, "apply", "--plan", plan / "decisions.json", "--model", tiny_dir, "--output_dir", applied)
+    assert code == 0, err
+    config = json.loads((applied / "model" / "config.json").read_text())
+    assert config["quantization_config"]["sparsity_config"]["format"] == "sparse-bitmask"
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)
+    again = tmp_path / "again"
+    code, _, err = run_cli(capsys, "apply", "--plan", plan / "decisions.json", "--model", tiny_dir, "--output_dir", again)
+    assert_one_line_error(code, err, "pip install 'lightning-prune[compressed]'")
+    assert not again.exists()

@@ -9,8 +9,9 @@ masks), so the result has the logits of the model the run saved right after its 
 from lightning_prune.commands.common import load_checked_model
 from lightning_prune.hub import check_push, push_model
 from lightning_prune.model.loading import load_config
-from lightning_prune.model_card import CardInfo, command_line, model_card
+from lightning_prune.model_card import CardInfo, command_line, compressed, model_card
 from lightning_prune.results import RunDirectory, model_summary
+from lightning_prune.sparsity.compressed import check_export_format
 from lightning_prune.stages.plan import apply_decisions, check_fingerprint, fingerprint, format_plan, plan_json, plan_tensors, read_plan
 
 __all__ = ["apply"]
@@ -40,6 +41,8 @@ def apply(
     run = RunDirectory(output_dir, overwrite)
     run.check()
     decisions, info = read_plan(plan)
+    if compressed(decisions):
+        check_export_format("compressed")
     config = load_config(model)
     check_fingerprint(info.get("fingerprint") or {}, config, f"--plan {plan!r}")
     lm, tokenizer = load_checked_model(model, dtype=dtype, device=device)
