@@ -5,6 +5,7 @@ import json
 import torch
 import yaml
 from conftest import random_ids, run_cli
+from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
 from lightning_prune.model_card import CardInfo, command_line, hub_base_model, model_card
@@ -12,7 +13,9 @@ from lightning_prune.model_card import CardInfo, command_line, hub_base_model, m
 
 def _front_matter(card: str) -> dict:
     assert card.startswith("---\n")
-    return yaml.safe_load(card.split("---\n")[1])
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert ModelCard(card).data.to_dict() == meta  # huggingface_hub reads the same metadata
+    return meta
 
 
 def test_prune_writes_a_card_naming_the_removed_layers_and_metrics(tiny_dir, tmp_path, capsys):

@@ -151,7 +151,8 @@ def run_stage(
     }
     data = {"evaluation": f"{', '.join(sources)} (test split), {eval_samples} blocks of {seq_len} tokens"}
     if stage.needs_calibration():
-        data["calibration"] = f"{calibration_data} (validation split), {calibration_samples} blocks of {seq_len} tokens, seed {seed}"
+        drawn = "items" if is_task(calibration_data) else f"blocks of {seq_len} tokens"
+        data["calibration"] = f"{calibration_data} (validation split), {calibration_samples} {drawn}, seed {seed}"
     card = stage_card(stage, decision, model, {"before": before, "after": after}, data, settings)
     run.save_model(lm, tokenizer, card=card, decisions=[decision])
     run.write_plan(plan, plan_tensors([decision]))
