@@ -5,11 +5,12 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_one_line_error, random_ids, run_cli
+from conftest import TINY_CONFIGS, assert_one_line_error, make_tiny_model, random_ids, run_cli
 from transformers import AutoModelForCausalLM
 
 from lightning_prune.model.loading import load_model
-from lightning_prune.sparsity.compressed import load_compressed
+from lightning_prune.sparsity.compressed import load_compressed, save_compressed
+from lightning_prune.sparsity.masks import prunable_linears
 
 SMALL = ["--method", "magnitude", "--allocation", "uniform", "--seq_len", 32]
 
@@ -80,3 +81,16 @@ def test_apply_replays_a_compressed_plan_and_needs_the_package(tiny_dir, tmp_pat
     code, _, err = run_cli(capsys, "apply", "--plan", plan / "decisions.json", "--model", tiny_dir, "--output_dir", again)
     assert_one_line_error(code, err, "pip install 'lightning-prune[compressed]'")
     assert not again.exists()
+
+
+@pytest.mark.parametrize("family", TINY_CONFIGS)
+def test_every_family_round_trips_exactly(family, tmp_path):
+    model = make_tiny_model(family)
+    with torch.no_grad():
+        for _, linear in prunable_linears(model):
+            linear.weight.mul_(linear.weight.abs() > 0.05)
+    model.save_pretrained(tmp_path)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path)
+    save_compressed(model, tmp_path)
+    ids = random_ids()
+    assert torch.equal(load_compressed(tmp_path)(ids).logits, reference(ids).logits)
