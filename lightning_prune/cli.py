@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
         if hint is None:
             raise
         _fail(hint)
-    print(json.dumps(result, indent=2, default=str) if as_json else summarize(config.command, result))
+    if result is not None:  # generate and chat print their own output
+        print(json.dumps(result, indent=2, default=str) if as_json else summarize(config.command, result))
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@ sections that every flag can reach:
 
 - ``run_dir``: the one output location: ``config.yaml``, ``decisions.json``, ``metrics.json``,
   ``model/``, ``adapter/``, ``checkpoints/`` (ModelCheckpoints without a ``dirpath``) and
-  ``logs/`` (a CSV logger, unless the recipe sets ``trainer.logger``);
+  ``logs/`` (a CSV logger, and a TensorBoard one when ``tensorboard`` is installed, unless the
+  recipe sets ``trainer.logger``);
 - ``stages``: stage names in order (``prune``, ``merge``, ``sparsify``), each configured by its
   own section (``prune:``, ``merge:``, ``sparsify:``; e.g. ``--prune.num_layers 3``);
 - ``evaluation``: what ``metrics.json`` measures (``--evaluate false`` turns it off);
-- ``dry_run``: plan, write ``decisions.json``, print the plan, stop before training.
+- ``dry_run``: plan, write ``decisions.json``, print the plan, stop before training;
+- ``push_to_hub``: upload ``model/`` (with its model card) to a Hub repo at the end.
 
 ``model.init_args.model`` is linked to ``data.init_args.tokenizer``: changing the model changes
 the tokenizer. ``--ckpt_path`` (``fit``, ``validate``, ``test``) is handed to the
@@ -18,6 +20,7 @@ architecture before Lightning loads its weights.
 """
 
 import difflib
+import importlib.util
 import logging
 import warnings
 from pathlib import Path
@@ -37,7 +40,7 @@ from lightning_prune.results import RunDirectory
 from lightning_prune.stages import STAGES
 from lightning_prune.stages.plan import check_stages
 
-__all__ = ["PruneCLI", "RunConfig", "RecipeParser", "RecipeError", "quiet_third_party"]
+__all__ = ["PruneCLI", "RunConfig", "RecipeParser", "RecipeError", "quiet_third_party", "run_loggers"]
 
 
 class _NoAdverts(logging.Filter):
@@ -89,6 +92,16 @@ class RunConfig(SaveConfigCallback):
             RunDirectory(self.config["run_dir"], overwrite=True).write_text("config.yaml", text)
 
 
+def run_loggers(run_dir: Path) -> list:
+    """A CSV logger in ``run_dir/logs``, plus a TensorBoard logger there when ``tensorboard`` is installed."""
+    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="logs")]
+    if importlib.util.find_spec("tensorboard") is not None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="", version="logs"))
+    return loggers
+
+
 def _stage_names(names: list[str]) -> list[str]:
     for name in names:
         if name not in STAGES:
@@ -123,6 +136,7 @@ class PruneCLI(LightningCLI):
         parser.add_class_arguments(EvaluationSuite, "evaluation", instantiate=True)
         parser.add_argument("--evaluate", type=bool, default=True, help="Measure dense, after each stage and after training.")
         parser.add_argument("--dry_run", type=bool, default=False, help="Plan, write decisions.json, print the plan, stop.")
+        parser.add_argument("--push_to_hub", type=str | None, default=None, help="Upload model/ (with its card) to this Hub repo.")
         parser.link_arguments("model.init_args.model", "data.init_args.tokenizer")
 
     def instantiate_trainer(self, **kwargs):
@@ -140,6 +154,7 @@ class PruneCLI(LightningCLI):
             run_dir=str(run_dir),
             dry_run=config["dry_run"],
             source=model_source,
+            push_to_hub=config["push_to_hub"],
         )
         trainer = config["trainer"]
         callbacks = list(trainer.get("callbacks") or [])
@@ -152,7 +167,7 @@ class PruneCLI(LightningCLI):
         if config["dry_run"]:
             kwargs["logger"] = False  # a dry run writes nothing but decisions.json
         elif trainer.get("logger") in (None, True):
-            kwargs["logger"] = CSVLogger(save_dir=str(run_dir), name="", version="logs")
+            kwargs["logger"] = run_loggers(run_dir)
         return super().instantiate_trainer(**kwargs)
 
     def _hand_checkpoint(self) -> None:
