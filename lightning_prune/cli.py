@@ -21,6 +21,8 @@ from dataclasses import fields, is_dataclass
 from jsonargparse import ArgumentParser
 
 from lightning_prune.errors import InputError
+from lightning_prune.extras import missing_extra
+from lightning_prune.summary import summarize
 
 __all__ = ["main", "lightning_main", "build_parser"]
 
@@ -80,6 +82,7 @@ def _command_parser(name: str, function: Callable, full: bool) -> ArgumentParser
     sub = _OneLineParser(prog=f"{PROG} {name}", description=_summary(function))
     if not full:
         return sub
+    sub.add_argument("--json", type=bool, default=False, help="print the full result as JSON instead of the summary table")
     groups = _groups(function)
     sub.add_function_arguments(function, as_group=False, skip=set(groups))
     added = set(inspect.signature(function).parameters) - set(groups)
@@ -184,9 +187,10 @@ def lightning_main(args: list[str] | None = None) -> None:
             print(f"dry run: plan written to {plan}; nothing was trained")
             return
         cause = _in_chain(error, InputError) or _in_chain(error, MisconfigurationException)
-        if cause is None:
+        hint = missing_extra(error)
+        if cause is None and hint is None:
             raise
-        _fail(str(cause), error)
+        _fail(str(cause) if cause is not None else hint, error)
 
 
 def recipes_main(args: list[str]) -> None:
@@ -218,23 +222,29 @@ def main(argv: list[str] | None = None) -> None:
 
     selected = argv[0] if argv and argv[0] in COMMANDS else ""
     if selected:
-        argv = [selected, *bare_flags(renamed_options(selected, argv[1:]), _bool_options(COMMANDS[selected]))]
+        argv = [selected, *bare_flags(renamed_options(selected, argv[1:]), _bool_options(COMMANDS[selected]) | {"json"})]
     config = build_parser(COMMANDS, selected).parse_args(argv)
     options = config[config.command].as_dict()
+    as_json = options.pop("json")
     from lightning_prune.commands.staged import StageRun
     from lightning_prune.run_state import guarded_output
     from lightning_prune.validation.preflight import check_command
 
     if "output_dir" in options and not options["output_dir"] and StageRun in _groups(COMMANDS[config.command]).values():
         options["output_dir"] = f"runs/{config.command}"  # StageRun's default, made explicit so it is checked and guarded
-
     try:
         check_command(options)
         with guarded_output(options.get("output_dir"), options.get("overwrite", False)):
             result = _call(COMMANDS[config.command], options)
     except InputError as error:
         _fail(str(error), error)
-    print(json.dumps(result, indent=2, default=str))
+    except ModuleNotFoundError as error:
+        hint = missing_extra(error)
+        if hint is None:
+            raise
+        _fail(hint, error)
+    if result is not None:  # generate and chat print their own output
+        print(json.dumps(result, indent=2, default=str) if as_json else summarize(config.command, result))
 
 
 if __name__ == "__main__":

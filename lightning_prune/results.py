@@ -103,14 +103,23 @@ class RunDirectory:
         """Write the settings of the run as ``config.yaml``."""
         return self.write_text("config.yaml", yaml.safe_dump(config, sort_keys=False))
 
-    def save_model(self, model: nn.Module, tokenizer=None, name: str = "model") -> Path:
-        """``save_pretrained`` (safetensors) into a temporary directory, then rename it to ``name``."""
+    def save_model(self, model: nn.Module, tokenizer=None, name: str = "model", card: str | None = None, decisions=()) -> Path:
+        """``save_pretrained`` (safetensors) into a temporary directory, then rename it to ``name``.
+
+        Inside the staged directory, each decision's ``on_save(model, directory)`` may rewrite the
+        files (e.g. a compressed export) and ``card`` becomes ``README.md``, so the model and its
+        card appear together or not at all.
+        """
         self.path.mkdir(parents=True, exist_ok=True)
         temporary = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.path))
         try:
             model.save_pretrained(temporary, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(temporary)
+            for decision in decisions:
+                decision.on_save(model, temporary)
+            if card is not None:
+                (temporary / "README.md").write_text(card, encoding="utf-8")
             _readable(temporary)
         except BaseException:
             shutil.rmtree(temporary, ignore_errors=True)

@@ -32,6 +32,8 @@ BASE = {
     "score": ["--model", TINY, "--metric", "bi", "--seq_len", 32, "--calibration_samples", 2],
     "relevance": ["--model", TINY, "--tasks", "arc_easy", "--calibration_samples", 2, "--seq_len", 32],
     "demo": ["--model", TINY],
+    "generate": ["--prompt", "Once", "--model", TINY],
+    "chat": ["--model", TINY],
 }
 # option -> [(bad value, fragment of the one error line)]; paths are relative to the world directory
 BAD_VALUES = {
@@ -55,6 +57,9 @@ BAD_VALUES = {
     "block_size": [(0, "--block_size 0 is out of range")],
     "num_layers": [(0, "--num_layers 0 is out of range")],
     "heal_steps": [(0, "--heal_steps 0 is out of range"), (-2, "--heal_steps -2 is out of range")],
+    "max_new_tokens": [(0, "max_new_tokens must be >= 1")],
+    "temperature": [(-0.5, "temperature must be >= 0")],
+    "top_p": [(0, "top_p must be in (0, 1]"), (1.5, "top_p must be in (0, 1]")],
     "device": [("foo", "is not a device"), ("cuda:99", "is not available here")],
     "dtype": [("int8", "is not supported")],
     "eval_data": [
@@ -182,7 +187,7 @@ def test_bad_command_input_is_one_line_and_writes_nothing(capsys, world, command
         position = args.index(f"--{option}")
         args[position : position + 2] = []
     args += [f"--{option}", value]
-    if option != "output_dir":
+    if option != "output_dir" and "output_dir" in command_options(command):
         args += ["--output_dir", "out"]
     code, _, err = run_cli(capsys, *args)
     assert_contract(code, err, fragment)

@@ -23,6 +23,7 @@ def test_evaluate_writes_metrics(capsys, tiny_dir, tmp_path):
         4,
         "--output_dir",
         tmp_path / "run",
+        "--json",
     )
     assert code == 0, err
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

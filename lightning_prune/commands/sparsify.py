@@ -50,6 +50,7 @@ def sparsify(
     output_dir: str = "runs/sparsify",
     overwrite: bool = False,
     dry_run: bool = False,
+    push_to_hub: str | None = None,
 ) -> dict:
     """Prune the decoder's projection weights to a sparsity, allocated per layer (uniform, OWL or DLP).
 
@@ -68,6 +69,7 @@ def sparsify(
         output_dir: run directory for model/, decisions.json, metrics.json and the PNG.
         overwrite: replace results already in output_dir.
         dry_run: plan, print the decision and write only decisions.json (no model, no evaluation).
+        push_to_hub: upload model/ (with its model card) to this Hub repo (needs HF_TOKEN or `hf auth login`).
     """
     settings = {k: v for k, v in locals().items() if k != "stage"}
     result = run_stage(
@@ -86,6 +88,7 @@ def sparsify(
         output_dir=output_dir,
         overwrite=overwrite,
         dry_run=dry_run,
+        push_to_hub=push_to_hub,
     )
     if not dry_run:
         decision = result["decisions"]["decisions"][0]

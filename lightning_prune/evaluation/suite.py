@@ -9,7 +9,7 @@ share; ``evaluate(model, tokenizer)`` returns one ``metrics.json`` entry.
 from dataclasses import asdict, dataclass
 
 from lightning_prune.data.tasks import is_task
-from lightning_prune.data.text import NAMED_CORPORA, corpus_file, data_key, load_blocks, local_data_file
+from lightning_prune.data.text import CORPUS_RECORDS, NAMED_CORPORA, corpus_file, data_key, load_blocks, local_data_file
 from lightning_prune.errors import InputError
 from lightning_prune.evaluation.perplexity import perplexity
 from lightning_prune.results import model_summary
@@ -24,8 +24,12 @@ def split_names(value: str | list[str] | tuple[str, ...]) -> list[str]:
 
 
 def data_location(source: str, split: str) -> str:
-    """What to record as the data file: the bundled file for a shortcut, else the name given."""
-    return str(corpus_file(source, split).relative_to(corpus_file(source, split).parents[1])) if source in NAMED_CORPORA else source
+    """What to record as the data file: the bundled file (with its document range) for a shortcut, else the name given."""
+    if source not in NAMED_CORPORA:
+        return source
+    path = corpus_file(source, split)
+    records = CORPUS_RECORDS.get((source, split))
+    return str(path.relative_to(path.parents[1])) + (f" [documents {records[0]}:{records[1]}]" if records else "")
 
 
 class EvaluationData:
