@@ -45,6 +45,10 @@ def model_rows(states: dict[str, dict], seconds: dict[str, float] | None = None)
     return markdown_table(header, rows)
 
 
+def _pushed(result: dict) -> list[str]:
+    return [f"pushed to {result['hub_commit']}"] if result.get("hub_commit") else []
+
+
 def _evaluate(result: dict) -> str:
     return model_rows({"model": result})
 
@@ -55,12 +59,12 @@ def _staged(result: dict) -> str:
     stage = result["settings"]["stage"]["name"]
     table = model_rows({"dense": result["before"], stage: result["after"]}, {stage: result["stage_seconds"]})
     lines = [table, *result.get("summary", [])]
-    return "\n".join([*lines, f"saved to {result['settings']['output_dir']}/model"])
+    return "\n".join([*lines, f"saved to {result['settings']['output_dir']}/model", *_pushed(result)])
 
 
 def _apply(result: dict) -> str:
     table = model_rows({"original": result["before"], "applied": result["after"]})
-    return "\n".join([table, *result["decisions"], f"saved to {result['output_dir']}/model"])
+    return "\n".join([table, *result["decisions"], f"saved to {result['output_dir']}/model", *_pushed(result)])
 
 
 def _score(result: dict) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from lightning_prune.errors import InputError
 
-__all__ = ["HubDataset", "parse_hub_spec", "read_hub_text", "closest_name"]
+__all__ = ["HubDataset", "parse_hub_spec", "hub_rows", "read_hub_text", "closest_name"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PART = re.compile(r"^[\w.\-]+$")
@@ -57,8 +57,12 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def read_hub_text(dataset: HubDataset, split: str) -> str:
-    """The ``field`` column of the dataset's split (the spec's ``@split`` wins over ``split``), joined by blank lines."""
+def hub_rows(dataset: HubDataset, split: str):
+    """The dataset's split (the spec's ``@split`` wins over ``split``), checked to have the text column.
+
+    ``datasets`` keeps it in its on-disk cache, so a command can call this before it loads any
+    weights (a bad config, split or column fails then) and read the text later at no cost.
+    """
     import datasets
 
     chosen = dataset.split or split
@@ -68,6 +72,13 @@ def read_hub_text(dataset: HubDataset, split: str) -> str:
         raise InputError(f"could not load dataset {str(dataset)!r} (split {chosen!r}): {_first_line(error)}") from error
     if dataset.field not in rows.column_names:
         raise InputError(f"dataset {dataset.name!r} has no {dataset.field!r} column; columns: {', '.join(rows.column_names)}")
+    return rows
+
+
+def read_hub_text(dataset: HubDataset, split: str) -> str:
+    """The ``field`` column of the dataset's split (see :func:`hub_rows`), joined by blank lines."""
+    rows = hub_rows(dataset, split)
+    chosen = dataset.split or split
     texts = [text for text in rows[dataset.field] if isinstance(text, str)]
     if not texts:
         raise InputError(f"dataset {str(dataset)!r} has no text in column {dataset.field!r} of split {chosen!r}")
