@@ -1,10 +1,10 @@
 """Pre-flight checks of a parsed recipe, before any class is built: the same rules as the commands, by section.
 
 Checked: ``run_dir`` (writable; a killed run's temporaries are removed), the ``model`` and
-``data`` sections' numeric options, model source and data files, ``evaluation`` numbers, the
-trainer's ``devices``, step and epoch counts, and an integer ``val_check_interval`` against the
-training batches it can see, and ``--ckpt_path`` (``last`` must find a ``last.ckpt``; a file
-must be a checkpoint that reads as data only).
+``data`` sections' numeric options, model source and data files, ``evaluation`` numbers and
+data, the trainer's ``devices``, accelerator and strategy names, step and epoch counts, an
+integer ``val_check_interval`` against the training batches it can see, and ``--ckpt_path``
+(``last`` must find a ``last.ckpt``; a file must be a checkpoint that reads as data only).
 """
 
 import math
