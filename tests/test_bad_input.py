@@ -259,6 +259,15 @@ def test_bad_recipe_input_is_one_line_and_writes_nothing(capsys, world, case):
     assert not Path("lightning_logs").exists()
 
 
+def test_good_sources_pass_the_data_checks(world):
+    from lightning_prune.validation.preflight import check_data_source
+
+    (world / "mine.jsonl").write_text('{"query": "2 + 2 =", "choices": ["4", "5"], "gold": 0}\n')
+    (world / "story.jsonl").write_text('{"text": "Once upon a time."}\n')
+    for source in ("wikitext2", "c4", "arc_easy", "piqa", "boolq", "mine.jsonl", "story.jsonl"):
+        check_data_source(source, "calibration_data")
+
+
 def test_verbose_prints_the_detail_before_the_one_line(capsys, world, monkeypatch):
     monkeypatch.setenv("LIGHTNING_PRUNE_VERBOSE", "0")  # restored afterwards, though --verbose sets it
     code, _, err = run_cli(capsys, "evaluate", "--model", "truncated", "--verbose")

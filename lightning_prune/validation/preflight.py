@@ -6,7 +6,7 @@ non-empty, UTF-8, jsonl text fields; read in full when small), task names and th
 location.
 """
 
-from lightning_prune.data.tasks import is_task, load_task
+from lightning_prune.data.tasks import TASK_NAMES, is_task, load_task
 from lightning_prune.data.text import NAMED_CORPORA, local_data_file, read_text
 from lightning_prune.errors import InputError
 from lightning_prune.evaluation.suite import split_names
@@ -36,6 +36,8 @@ def check_model(name: str) -> None:
 
 def check_data_source(source: str, option: str) -> None:
     """A local data file exists, is non-empty and decodes; when small it is read in full (text fields, task items)."""
+    if source in TASK_NAMES:
+        return
     path = local_data_file(source)
     if path is None or source in NAMED_CORPORA or path.stat().st_size > FULL_READ_BYTES:
         return
