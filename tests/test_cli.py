@@ -77,7 +77,7 @@ def bad_inputs(tiny_dir, gpt2_dir, tmp_path):
         (["prune", "--model", tiny_dir, "--layers", "2,2", *common], "more than once"),
         (["prune", "--model", tiny_dir, "--layers", "0,1,2,3,4,5", *common], "cannot remove all 6 layers"),
         (["prune", "--model", tiny_dir, "--layers", "a", *common], "comma-separated integers"),
-        (["evaluate", "--model", tiny_dir, "--seq_len", 0], "--seq_len 0 is out of range"),
+        (["evaluate", "--model", tiny_dir, "--seq_len", 0], "--seq_len must be >= 2, got 0"),
         (["evaluate", "--model", tiny_dir, "--seq_len", 1000], "exceeds the model's maximum of 256"),
         (["evaluate", "--model", tiny_dir, "--seq_len", 200, "--eval_samples", 100000], "eval_samples=100000 is more than"),
         (["evaluate", "--model", tiny_dir, "--eval_data", empty, *common], "is empty"),

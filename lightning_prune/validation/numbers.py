@@ -8,22 +8,31 @@ from lightning_prune.errors import InputError
 
 __all__ = ["RANGES", "check_numbers"]
 
-# option name -> (lowest allowed value, whether the lowest value itself is allowed, what to say)
+# option name -> (lowest value, whether the lowest value is allowed, highest allowed value or None, what it counts)
 RANGES = {
-    "batch_size": (1, True, "blocks per forward pass"),
-    "seq_len": (2, True, "tokens per block (a block predicts tokens 2..T)"),
-    "eval_samples": (1, True, "evaluation blocks"),
-    "calibration_samples": (1, True, "calibration blocks or items"),
-    "num_samples": (1, True, "blocks"),
-    "num_train_samples": (1, True, "training blocks (unset: all)"),
-    "num_val_samples": (1, True, "validation blocks"),
-    "block_size": (1, True, "layers per block"),
-    "num_layers": (1, True, "layers"),
-    "heal_steps": (1, True, "optimizer steps"),
-    "learning_rate": (0, False, "the peak learning rate"),
-    "weight_decay": (0, True, "the AdamW weight decay"),
-    "warmup_steps": (0, True, "warm-up optimizer steps"),
+    "batch_size": (1, True, None, "blocks per forward pass"),
+    "seq_len": (2, True, None, "tokens per block; a block predicts tokens 2..T"),
+    "eval_samples": (1, True, None, "evaluation blocks"),
+    "calibration_samples": (1, True, None, "calibration blocks or items"),
+    "num_samples": (1, True, None, "blocks"),
+    "num_train_samples": (1, True, None, "training blocks; unset: all"),
+    "num_val_samples": (1, True, None, "validation blocks"),
+    "block_size": (1, True, None, "layers per block"),
+    "num_layers": (1, True, None, "layers"),
+    "heal_steps": (1, True, None, "optimizer steps"),
+    "learning_rate": (0, False, None, "the peak learning rate"),
+    "weight_decay": (0, True, None, "the AdamW weight decay"),
+    "warmup_steps": (0, True, None, "warm-up optimizer steps"),
+    "max_new_tokens": (1, True, None, "tokens to generate"),
+    "temperature": (0, True, None, "0: greedy decoding"),
+    "top_p": (0, False, 1, "the nucleus probability mass"),
 }
+
+
+def _bound(lowest, inclusive: bool, highest) -> str:
+    if highest is not None:
+        return f"in {'[' if inclusive else '('}{lowest}, {highest}]"
+    return f">= {lowest}" if inclusive else f"> {lowest}"
 
 
 def check_numbers(options: dict, prefix: str = "--") -> None:
@@ -32,7 +41,6 @@ def check_numbers(options: dict, prefix: str = "--") -> None:
         rule = RANGES.get(name)
         if rule is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        lowest, inclusive, meaning = rule
-        if value < lowest or (value == lowest and not inclusive):
-            bound = f">= {lowest}" if inclusive else f"> {lowest}"
-            raise InputError(f"{prefix}{name} {value} is out of range: {meaning} must be {bound}")
+        lowest, inclusive, highest, meaning = rule
+        if value < lowest or (value == lowest and not inclusive) or (highest is not None and value > highest):
+            raise InputError(f"{prefix}{name} must be {_bound(lowest, inclusive, highest)}, got {value} ({meaning})")

@@ -34,7 +34,7 @@ def _check_devices(devices) -> None:
         raise InputError(f"--trainer.devices {devices} is not a device count; use a positive number, -1 (all) or auto")
     number = int(devices) if isinstance(devices, int) or (isinstance(devices, str) and devices.strip().lstrip("-").isdigit()) else None
     if number is not None and (number == 0 or number < -1):
-        raise InputError(f"--trainer.devices {devices} is out of range: use a positive number of devices, -1 (all) or auto")
+        raise InputError(f"--trainer.devices must be a positive number of devices, -1 (all) or auto, got {devices}")
     if isinstance(devices, (list, tuple)) and not devices:
         raise InputError("--trainer.devices [] names no device; use a positive number, -1 (all) or auto")
 
@@ -63,10 +63,10 @@ def _check_steps(trainer: dict) -> None:
     for name in ("max_steps", "max_epochs"):
         value = trainer.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and (value == 0 or value < -1):
-            raise InputError(f"--trainer.{name} {value} is out of range: use a positive number (or -1 for no limit)")
+            raise InputError(f"--trainer.{name} must be a positive number (or -1 for no limit), got {value}")
     accumulate = trainer.get("accumulate_grad_batches")
     if isinstance(accumulate, int) and accumulate < 1:
-        raise InputError(f"--trainer.accumulate_grad_batches {accumulate} is out of range: must be >= 1")
+        raise InputError(f"--trainer.accumulate_grad_batches must be >= 1, got {accumulate}")
 
 
 def _training_batches(trainer: dict, data: dict) -> int | None:
@@ -87,9 +87,9 @@ def _check_val_interval(trainer: dict, data: dict) -> None:
     if isinstance(interval, bool) or interval is None:
         return
     if isinstance(interval, float) and not 0 < interval <= 1:
-        raise InputError(f"--trainer.val_check_interval {interval} is out of range: a fraction of the epoch in (0, 1], or a batch count")
+        raise InputError(f"--trainer.val_check_interval must be a fraction of the epoch in (0, 1] or a batch count, got {interval}")
     if isinstance(interval, int) and interval < 1:
-        raise InputError(f"--trainer.val_check_interval {interval} is out of range: must be >= 1 batches")
+        raise InputError(f"--trainer.val_check_interval must be >= 1 batches, got {interval}")
     batches = _training_batches(trainer, data)
     if isinstance(interval, int) and batches is not None and trainer.get("check_val_every_n_epoch", 1) is not None and interval > batches:
         raise InputError(
