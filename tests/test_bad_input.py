@@ -55,7 +55,7 @@ BAD_VALUES = {
     "eval_samples": [(0, "--eval_samples must be >= 1, got 0")],
     "calibration_samples": [(0, "--calibration_samples must be >= 1, got 0"), (-1, "--calibration_samples must be >= 1, got -1")],
     "block_size": [(0, "--block_size must be >= 1, got 0")],
-    "num_layers": [(0, "--num_layers must be >= 1, got 0")],
+    "num_layers": [(0, "must be in 1..")],
     "heal_steps": [(0, "--heal_steps must be >= 1, got 0"), (-2, "--heal_steps must be >= 1, got -2")],
     "max_new_tokens": [(0, "--max_new_tokens must be >= 1, got 0")],
     "temperature": [(-0.5, "temperature must be >= 0")],

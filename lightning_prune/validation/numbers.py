@@ -18,7 +18,6 @@ RANGES = {
     "num_train_samples": (1, True, None, "training blocks; unset: all"),
     "num_val_samples": (1, True, None, "validation blocks"),
     "block_size": (1, True, None, "layers per block"),
-    "num_layers": (1, True, None, "layers"),
     "heal_steps": (1, True, None, "optimizer steps"),
     "learning_rate": (0, False, None, "the peak learning rate"),
     "weight_decay": (0, True, None, "the AdamW weight decay"),
