@@ -77,6 +77,8 @@ BAD_VALUES = {
     "output_dir": [("a-file/run", "is a file, not a directory"), ("a-file", "is a file; pass a directory")],
 }
 BAD_VALUES["calibration_data"] = BAD_VALUES["eval_data"][:5]
+# (command, option) -> the base option the bad one replaces (prune takes one of --layers, --num_layers, --ratio)
+REPLACES = {("prune", "num_layers"): "layers"}
 # where a command takes task files rather than names, a path is a file that must exist
 RELEVANCE_TASKS = [("../x", "nor a jsonl file"), ("latin1.jsonl", "is not UTF-8 text")]
 
@@ -183,8 +185,9 @@ def assert_contract(code: int, err: str, fragment: str) -> None:
 def test_bad_command_input_is_one_line_and_writes_nothing(capsys, world, command, option, value, fragment):
     before = snapshot(world)
     args = [command, *BASE[command]]
-    if f"--{option}" in args:  # the bad value replaces the base one
-        position = args.index(f"--{option}")
+    replaced = f"--{REPLACES.get((command, option), option)}"
+    if replaced in args:  # the bad value replaces the base one
+        position = args.index(replaced)
         args[position : position + 2] = []
     args += [f"--{option}", value]
     if option != "output_dir" and "output_dir" in command_options(command):
