@@ -80,3 +80,19 @@ def test_bundled_c4_validation_and_test_are_disjoint_halves():
     assert len(documents) == 1000
     assert read_text("c4", "validation") == "\n\n".join(documents[:500])
     assert read_text("c4", "test") == "\n\n".join(documents[500:])
+
+
+def test_a_bad_hub_split_fails_before_the_model_loads(capsys, monkeypatch, tiny_dir, tmp_path):
+    from lightning_prune.model import loading
+
+    def load_dataset(name, config=None, *, split):
+        raise ValueError(f"Unknown split \"{split}\". Should be one of ['train'].")
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded before the data check")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(loading, "load_model", no_weights)
+    code, _, err = run_cli(capsys, "evaluate", "--model", tiny_dir, "--eval_data", "me/notes", "--output_dir", tmp_path / "e")
+    assert_one_line_error(code, err, "--eval_data: could not load dataset 'me/notes#text' (split 'test'): Unknown split \"test\"")
+    assert not (tmp_path / "e").exists()

@@ -6,6 +6,7 @@ non-empty, UTF-8, jsonl text fields; read in full when small), task names and th
 location.
 """
 
+from lightning_prune.data.hub import hub_rows, parse_hub_spec
 from lightning_prune.data.tasks import TASK_NAMES, is_task, load_task
 from lightning_prune.data.text import NAMED_CORPORA, local_data_file, read_text
 from lightning_prune.errors import InputError
@@ -34,12 +35,23 @@ def check_model(name: str) -> None:
         raise InputError(f"model {name!r} has an invalid config.json: {detail}") from error
 
 
+# The split each data option reads (a Hub spec's own @split wins).
+OPTION_SPLITS = {"calibration_data": "validation", "train_data": "validation", "val_data": "validation"}
+
+
 def check_data_source(source: str, option: str) -> None:
-    """A local data file exists, is non-empty and decodes; when small it is read in full (text fields, task items)."""
+    """A local data file exists, is non-empty and decodes (when small it is read in full: text fields,
+    task items); a Hub dataset's split loads (into the ``datasets`` cache) with its text column."""
     if source in TASK_NAMES:
         return
     path = local_data_file(source)
-    if path is None or source in NAMED_CORPORA or path.stat().st_size > FULL_READ_BYTES:
+    if path is None:
+        try:
+            hub_rows(parse_hub_spec(source, list(NAMED_CORPORA)), OPTION_SPLITS.get(option, "test"))
+        except InputError as error:
+            raise InputError(f"--{option}: {error}") from error
+        return
+    if source in NAMED_CORPORA or path.stat().st_size > FULL_READ_BYTES:
         return
     try:
         if is_task(source):
