@@ -31,6 +31,7 @@ import torch
 from lightning_prune.callbacks.checkpoints import read_checkpoint, resolve_checkpoint
 from lightning_prune.errors import InputError
 from lightning_prune.evaluation.suite import EvaluationSuite
+from lightning_prune.modules.slim import slim_record
 from lightning_prune.results import RunDirectory, model_summary, package_versions
 from lightning_prune.sparsity.masks import unwrap_model
 from lightning_prune.stages import Decision, Stage
@@ -96,14 +97,15 @@ class StageCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.decisions is not None:
             return
-        pl_module.configure_model()
+        path = resolve_checkpoint(trainer, self.resume_from)
+        checkpoint = read_checkpoint(path) if path is not None else None
+        self._load_base(pl_module, checkpoint, path)
         model = pl_module.model
         self.source = self.source or getattr(pl_module.hparams, "model", None)
         self.fingerprint = fingerprint(model.config)
         check_stages(self.stages, model.config)
-        checkpoint = resolve_checkpoint(trainer, self.resume_from)
         if checkpoint is not None:
-            self.decisions = self._restore(checkpoint, model)
+            self.decisions = self._restore(checkpoint, path, model)
         elif stage == "fit":
             self.decisions = self._plan(trainer, pl_module)
         else:
@@ -111,8 +113,22 @@ class StageCallback(L.Callback):
         if callable(getattr(pl_module, "receive_decisions", None)):
             pl_module.receive_decisions(self.decisions)
 
-    def _restore(self, path, model: torch.nn.Module) -> list[Decision]:
-        checkpoint = read_checkpoint(path)
+    @staticmethod
+    def _load_base(pl_module: L.LightningModule, checkpoint: dict | None, path) -> None:
+        """``configure_model``; when resuming a slim checkpoint, a base that cannot load names the model it needs."""
+        slim = slim_record(checkpoint) if checkpoint is not None else None
+        try:
+            pl_module.configure_model()
+        except InputError as error:
+            if slim is None:
+                raise
+            raise InputError(
+                f"checkpoint {str(path)!r} holds only the trained parameters; its frozen base "
+                f"({len(slim['dropped'])} tensors) is rebuilt from model {slim['source']!r}, which could not be loaded "
+                f"({error}); make that model available or pass its new location as the model"
+            ) from error
+
+    def _restore(self, checkpoint: dict, path, model: torch.nn.Module) -> list[Decision]:
         decisions = checkpoint_decisions(checkpoint, where=f"checkpoint {str(path)!r}")
         if decisions is None:
             raise InputError(f"checkpoint {str(path)!r} holds no stage decisions; it was not written by a lightning-prune recipe")
