@@ -32,7 +32,7 @@ from lightning_prune.callbacks.checkpoints import read_checkpoint, resolve_check
 from lightning_prune.errors import InputError
 from lightning_prune.evaluation.suite import EvaluationSuite
 from lightning_prune.modules.slim import slim_record
-from lightning_prune.results import RunDirectory, model_summary, package_versions
+from lightning_prune.results import DEFAULT_SHARD_SIZE, RunDirectory, model_summary, package_versions, shard_size_bytes
 from lightning_prune.sparsity.masks import unwrap_model
 from lightning_prune.stages import Decision, Stage
 from lightning_prune.stages.plan import (
@@ -72,6 +72,8 @@ class StageCallback(L.Callback):
         dry_run: plan, write ``decisions.json``, print the plan and stop before training.
         save_model: export and save the model at the end of fit.
         source: the model source to record in the plan (default: the module's ``hparams.model``).
+        max_shard_size: largest safetensors file of the saved model (``5GB``; bytes or ``500MB``,
+            ``2GiB``...); a larger model is saved as several shards plus an index.
     """
 
     def __init__(
@@ -83,7 +85,10 @@ class StageCallback(L.Callback):
         dry_run: bool = False,
         save_model: bool = True,
         source: str | None = None,
+        max_shard_size: str = DEFAULT_SHARD_SIZE,
     ):
+        shard_size_bytes(max_shard_size)  # a bad size fails here, before any weight loads
+        self.max_shard_size = max_shard_size
         self.stages, self.evaluation, self.run_dir = list(stages), evaluation, run_dir
         self.resume_from, self.dry_run, self.save_model, self.source = resume_from, dry_run, save_model, source
         self.decisions: list[Decision] | None = None
@@ -243,7 +248,7 @@ class StageCallback(L.Callback):
         self._measure(trainer, model, _tokenizer(pl_module), "after training")
         if self.save_model and trainer.is_global_zero:
             run = self.run(trainer)
-            run.save_model(model, _tokenizer(pl_module))
+            run.save_model(model, _tokenizer(pl_module), max_shard_size=self.max_shard_size)
             if unwrap_model(pl_module.model) is not pl_module.model:
                 run.save_model(pl_module.model, name="adapter")
         trainer.strategy.barrier("export")

@@ -9,7 +9,8 @@ sections that every flag can reach:
 - ``stages``: stage names in order (``prune``, ``merge``, ``sparsify``), each configured by its
   own section (``prune:``, ``merge:``, ``sparsify:``; e.g. ``--prune.num_layers 3``);
 - ``evaluation``: what ``metrics.json`` measures (``--evaluate false`` turns it off);
-- ``dry_run``: plan, write ``decisions.json``, print the plan, stop before training.
+- ``dry_run``: plan, write ``decisions.json``, print the plan, stop before training;
+- ``max_shard_size``: largest safetensors file of the saved ``model/`` (default 5GB).
 
 ``model.init_args.model`` is linked to ``data.init_args.tokenizer``: changing the model changes
 the tokenizer. ``--ckpt_path`` (``fit``, ``validate``, ``test``) is handed to the
@@ -29,7 +30,7 @@ from lightning_prune.callbacks.stage import StageCallback
 from lightning_prune.errors import InputError
 from lightning_prune.evaluation.suite import EvaluationSuite
 from lightning_prune.model.loading import load_config
-from lightning_prune.results import RunDirectory
+from lightning_prune.results import DEFAULT_SHARD_SIZE, RunDirectory
 from lightning_prune.stages import STAGES
 from lightning_prune.stages.plan import check_stages
 
@@ -103,6 +104,9 @@ class PruneCLI(LightningCLI):
         parser.add_class_arguments(EvaluationSuite, "evaluation", instantiate=True)
         parser.add_argument("--evaluate", type=bool, default=True, help="Measure dense, after each stage and after training.")
         parser.add_argument("--dry_run", type=bool, default=False, help="Plan, write decisions.json, print the plan, stop.")
+        parser.add_argument(
+            "--max_shard_size", type=str, default=DEFAULT_SHARD_SIZE, help="Largest safetensors shard of model/ (500MB, 5GB, 2GiB, bytes)."
+        )
         parser.link_arguments("model.init_args.model", "data.init_args.tokenizer")
 
     def instantiate_trainer(self, **kwargs):
@@ -120,6 +124,7 @@ class PruneCLI(LightningCLI):
             run_dir=str(run_dir),
             dry_run=config["dry_run"],
             source=model_source,
+            max_shard_size=config["max_shard_size"],
         )
         trainer = config["trainer"]
         callbacks = list(trainer.get("callbacks") or [])
