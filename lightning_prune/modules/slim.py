@@ -24,6 +24,12 @@ def frozen_keys(module: nn.Module) -> list[str]:
     return [name for name, parameter in module.named_parameters(remove_duplicate=False) if not parameter.requires_grad]
 
 
+def _distinct_bytes(tensors: list) -> int:
+    """Bytes of the tensors, each shared storage (tied embeddings) once, as ``torch.save`` writes them."""
+    storages = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in tensors}
+    return sum(size for _, size in storages)
+
+
 def slim_record(checkpoint: dict) -> dict | None:
     """``checkpoint["slim"]``: ``{"source", "dropped", "dropped_bytes"}``, or ``None`` for a full checkpoint."""
     return checkpoint.get(SLIM_KEY)
@@ -37,7 +43,7 @@ def drop_frozen(checkpoint: dict, dropped: Iterable[str], source: str | None) ->
     checkpoint[SLIM_KEY] = {
         "source": source,
         "dropped": dropped,
-        "dropped_bytes": sum(state[key].numel() * state[key].element_size() for key in dropped),
+        "dropped_bytes": _distinct_bytes([state[key] for key in dropped]),
     }
     checkpoint["state_dict"] = {key: value for key, value in state.items() if key not in left_out}
 

@@ -18,6 +18,7 @@ from lightning_prune.sparsity import check_magnitude_scope, check_mask_rule
 from lightning_prune.sparsity.allocation import check_allocation
 from lightning_prune.sparsity.masks import apply_masks, measure_sparsity, prunable_linears
 from lightning_prune.sparsity.nm import check_mixed, check_widths, parse_pattern, resolve_sparsity
+from lightning_prune.sparsity.packing import mask_checksum
 from lightning_prune.sparsity.sequential import check_method, sparsify
 from lightning_prune.stages.base import Decision, Reduce, Stage, identity_reduce
 
@@ -55,6 +56,7 @@ class SparsifyStage(Stage):
     owl_m: float = 5.0
 
     name = "sparsify"
+    shards_calibration = True
 
     def resolved(self) -> tuple:
         """(pattern, target sparsity, alpha) after defaults, validated."""
@@ -99,6 +101,7 @@ class SparsifyStage(Stage):
             magnitude_scope=self.magnitude_scope,
             dlp_statistic=self.dlp_statistic,
             owl_m=self.owl_m,
+            reduce=reduce,
         )
         record = {
             "settings": {**asdict(self), "sparsity": target, "alpha": alpha},
@@ -190,4 +193,5 @@ class SparsityDecision(Decision):
         )
 
     def signature(self) -> str:
-        return str([round(s, 6) for s in self.record["layer_sparsity"]])
+        """Per-layer sparsities and a checksum of every mask (equal on ranks that chose the same masks)."""
+        return f"{[round(s, 6) for s in self.record['layer_sparsity']]} masks {mask_checksum(self.masks)}"
