@@ -41,7 +41,7 @@ def plan_all(calibration: torch.Tensor, reduce=None) -> dict:
             model, calibration, reduce=reduce or identity_reduce, progress=False
         )
         results[f"{method}+{allocation}"] = {
-            "masks": decision.masks,
+            "masks": dict(decision.masks),
             "layer_sparsity": decision.record["layer_sparsity"],
             "measured": decision.record["measured"]["per_layer"],
             "weights": {name: linear.weight.detach().clone() for name, linear in prunable_linears(model)},

@@ -1,15 +1,17 @@
 """Bool keep masks packed eight to a byte, and a checksum that tells whether two mask sets agree.
 
 A bool mask costs one byte per weight (25 % of an fp32 model, 6.5 GB for 7B); packed it is
-one bit. Packing goes through a ``uint8`` view in chunks, so no ``int64`` copy of a matrix is
-ever made.
+one bit. Packing goes through ``uint8`` chunks, so no ``int64`` copy of a matrix is ever made.
+:class:`PackedMasks` is the dict of masks that the sparsity code keeps: it stores the bits and
+unpacks one mask when a key is read.
 """
 
 import zlib
+from collections.abc import Iterator, Mapping, MutableMapping
 
 import torch
 
-__all__ = ["pack_mask", "unpack_mask", "mask_checksum"]
+__all__ = ["PackedMasks", "pack_mask", "unpack_mask", "mask_checksum"]
 
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 _CHUNK = 1 << 24  # mask elements per packing step (16 MB of bools)
@@ -36,10 +38,63 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return bits.reshape(-1)[:numel].reshape(shape)
 
 
-def mask_checksum(masks: dict[str, torch.Tensor]) -> str:
-    """CRC-32 (hex) of every mask's packed bits, in key order: equal on ranks that chose the same masks."""
+class PackedMasks(MutableMapping):
+    """Keep masks by name, stored one bit per weight (on the CPU); reading a key unpacks that mask.
+
+    Args:
+        masks: bool masks by name (packed on insertion).
+    """
+
+    def __init__(self, masks: Mapping[str, torch.Tensor] | None = None):
+        self._packed: dict[str, torch.Tensor] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._kept: dict[str, int] = {}
+        self.update(masks or {})
+
+    @classmethod
+    def from_packed(cls, packed: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> "PackedMasks":
+        """Masks from their packed bits and shapes (as :meth:`packed` and :meth:`shape` give them)."""
+        masks = cls()
+        for name, bits in packed.items():
+            masks._packed[name], masks._shapes[name] = bits.to(torch.uint8).cpu(), tuple(int(n) for n in shapes[name])
+            masks._kept[name] = int(torch.count_nonzero(masks[name]))
+        return masks
+
+    def __setitem__(self, name: str, mask: torch.Tensor) -> None:
+        self._packed[name] = pack_mask(mask.bool()).cpu()
+        self._shapes[name], self._kept[name] = tuple(mask.shape), int(torch.count_nonzero(mask))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return unpack_mask(self._packed[name], self._shapes[name])
+
+    def __delitem__(self, name: str) -> None:
+        del self._packed[name], self._shapes[name], self._kept[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def packed(self, name: str) -> torch.Tensor:
+        """The packed bits (uint8) of one mask."""
+        return self._packed[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def kept(self, name: str) -> int:
+        """Number of ``True`` (kept weights) in one mask."""
+        return self._kept[name]
+
+    def numel(self, name: str) -> int:
+        return int(torch.Size(self._shapes[name]).numel())
+
+
+def mask_checksum(masks: PackedMasks) -> str:
+    """CRC-32 (hex) of every mask's name and packed bits, in key order: equal on ranks that chose the same masks."""
     crc = 0
     for name in sorted(masks):
         crc = zlib.crc32(name.encode(), crc)
-        crc = zlib.crc32(pack_mask(masks[name]).cpu().numpy().tobytes(), crc)
+        crc = zlib.crc32(masks.packed(name).numpy().tobytes(), crc)
     return f"{crc:08x}"

@@ -44,6 +44,7 @@ from lightning_prune.sparsity.masks import (
     unwrap_model,
 )
 from lightning_prune.sparsity.nm import check_mixed, check_widths, mixed_patterns
+from lightning_prune.sparsity.packing import PackedMasks
 from lightning_prune.sparsity.scores import (
     METHODS,
     InputStatistics,
@@ -65,13 +66,13 @@ class SparsityResult:
         layer_sparsity: per decoder layer, the allocated sparsity.
         layer_statistic: per decoder layer, the allocation statistic (DLP median / OWL outlier ratio).
         layer_patterns: per decoder layer, ``"N:M"`` (N:M runs only).
-        masks: keep masks keyed ``layers.{i}.{role}``.
+        masks: keep masks keyed ``layers.{i}.{role}`` (bool when read, stored one bit per weight).
     """
 
     layer_sparsity: list[float]
     layer_statistic: list[float] | None = None
     layer_patterns: list[str] | None = None
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: PackedMasks = field(default_factory=PackedMasks)
 
 
 def check_method(method: str) -> None:
@@ -194,7 +195,7 @@ def _prune_layers(model, inputs, method, targets, masks, progress, options, redu
                 _run_layer(model, position, layer_inputs)
         for role, linear in linears.items():
             stat = stats[role] if stats else None
-            masks[f"layers.{position}.{role}"] = prune_linear(linear, method, targets[position], stat, **options).cpu()
+            masks[f"layers.{position}.{role}"] = prune_linear(linear, method, targets[position], stat, **options)
         if hidden is not None and position + 1 < anatomy.num_layers:
             hidden = _run_layer(model, position, LayerInputs(position, hidden, inputs.kwargs))
 
