@@ -24,6 +24,7 @@ from peft import LoraConfig, PeftModel
 from torch import nn
 
 from lightning_prune.errors import InputError
+from lightning_prune.fsdp import check_fsdp
 from lightning_prune.lora import (
     PAPER_TARGETS,
     adapter_parameter_count,
@@ -111,10 +112,21 @@ class HealingModule(CausalLMModule):
     def configure_model(self) -> None:
         """Load the dense model once (no adapters yet: the stages may still change it), and the teacher."""
         if self.model is None:
+            self._check_strategy()
             super().configure_model()
             self.fingerprint = model_fingerprint(self.model.config)
             if self.distill is not None:
                 self.teacher = self._load_teacher(self.distill)
+
+    def _check_strategy(self) -> None:
+        """Before any weight loads: a sharding strategy cannot take a 4-bit base or teacher."""
+        try:
+            strategy = self.trainer.strategy
+        except RuntimeError:  # not attached to a Trainer
+            return
+        check_fsdp(strategy, self.hparams.quantize)
+        if self.distill is not None:
+            check_fsdp(strategy, self.distill.quantize, "distill quantize")
 
     def _load_teacher(self, distill: TeacherDistillation) -> nn.Module:
         """The frozen teacher: a copy of the dense model, or another model with the same vocabulary."""

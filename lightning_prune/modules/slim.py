@@ -17,11 +17,13 @@ from lightning_prune.errors import InputError
 __all__ = ["SLIM_KEY", "frozen_keys", "slim_record", "drop_frozen", "check_fits"]
 
 SLIM_KEY = "slim"
+_FSDP_UNIT = "_fsdp_wrapped_module."  # in parameter names under FSDP, not in its full state-dict keys
 
 
 def frozen_keys(module: nn.Module) -> list[str]:
-    """State-dict keys of the module's frozen parameters (every name of a shared one)."""
-    return [name for name, parameter in module.named_parameters(remove_duplicate=False) if not parameter.requires_grad]
+    """State-dict keys of the module's frozen parameters (every name of a shared one; FSDP unit prefixes removed)."""
+    names = [name for name, parameter in module.named_parameters(remove_duplicate=False) if not parameter.requires_grad]
+    return [name.replace(_FSDP_UNIT, "") for name in names]
 
 
 def _distinct_bytes(tensors: list) -> int:
