@@ -6,7 +6,7 @@ PIP = $(VENV)/bin/python -m pip
 STAMP = $(VENV)/.lightning-prune-installed
 DEMO_ARGS ?=
 
-.PHONY: install demo lint format test test-fast clean
+.PHONY: install demo lint format test test-fast wheel-check clean
 
 install: $(STAMP)
 
@@ -28,6 +28,19 @@ lint: install
 format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# Build the wheel, install it (not -e) into a fresh venv with torch installed as above, run the CLI from there.
+wheel-check: install
+	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(VENV)/bin/python -m pip wheel --no-deps --no-build-isolation -q -w "$$tmp/dist" .; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install -q $(TORCH); \
+	"$$tmp/venv/bin/python" -m pip install -q "$$tmp"/dist/lightning_prune-*.whl; \
+	cd "$$tmp"; \
+	venv/bin/python -c "import lightning_prune; assert lightning_prune.__file__.startswith('$$tmp/venv/'), lightning_prune.__file__"; \
+	venv/bin/lightning-prune --help > /dev/null; \
+	venv/bin/lightning-prune recipes list; \
+	echo "wheel-check: the installed wheel runs"
 
 test: install
 	$(VENV)/bin/python -m pytest -q tests

@@ -18,6 +18,7 @@ TOPICS = {
     "merging": "Layer merging (CoMe) and merged-layer distillation",
     "sparsity": "Non-uniform layerwise sparsity",
     "healing": "Healing after pruning",
+    "usability": "Command-line start-up",
 }
 INTRO = """# Results
 
@@ -25,12 +26,14 @@ Measured on the embedded SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32) o
 CPU shared with other jobs, by the scripts in `benchmarks/` (JSON in `benchmarks/results/`;
 each script rewrites its own sections in `docs/results/<topic>.md`, and `benchmarks/report.py`
 assembles them here). Most grids run at reduced sizes to fit that CPU; each section states its
-sizes and commands. Dense reference: `lightning-prune evaluate --model demo --data wikitext2
---seq_len 128 --num_samples 64` gives perplexity 63.28 (sections that evaluate on fewer blocks
-report their own dense value).
+sizes and commands. Dense reference: `lightning-prune evaluate --model demo --eval_data wikitext2
+--seq_len 128 --eval_samples 64` gives perplexity 63.28 (sections that evaluate on fewer blocks
+report their own dense value). C4 figures recorded before 2026-12-02 evaluated on the whole
+bundled C4 file, which calibration also drew from; since then C4 evaluation uses its last 500
+documents and calibration its first 500.
 
 Sections: [pruning and compensation](results/pruning.md) · [CoMe merging and distillation](results/merging.md) ·
-[DLP/OWL sparsity](results/sparsity.md) · [LoRA/QLoRA healing](results/healing.md)
+[DLP/OWL sparsity](results/sparsity.md) · [LoRA/QLoRA healing](results/healing.md) · [start-up](results/usability.md)
 """
 
 

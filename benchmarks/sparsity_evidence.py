@@ -244,7 +244,7 @@ def _figure_lines() -> list[str]:
     return [
         "### Per-layer sparsity of the CLI example",
         "",
-        "`lightning-prune sparsify --model demo --method wanda --allocation dlp --sparsity 0.7 --alpha 0.15 --data c4 "
+        "`lightning-prune sparsify --model demo --method wanda --allocation dlp --sparsity 0.7 --alpha 0.15 --calibration_data c4 "
         "--calibration_samples 16 --seq_len 128 --eval_samples 16 --output_dir …` (its `layer_sparsity.png`; "
         "earlier layers, more important by DLP, are pruned less):",
         "",

@@ -31,6 +31,8 @@ import torch
 from lightning_prune.callbacks.checkpoints import read_checkpoint, resolve_checkpoint
 from lightning_prune.errors import InputError
 from lightning_prune.evaluation.suite import EvaluationSuite
+from lightning_prune.hub import check_push, push_model
+from lightning_prune.model_card import recipe_card
 from lightning_prune.modules.slim import slim_record
 from lightning_prune.results import DEFAULT_SHARD_SIZE, RunDirectory, model_summary, package_versions, shard_size_bytes
 from lightning_prune.sparsity.masks import unwrap_model
@@ -72,6 +74,8 @@ class StageCallback(L.Callback):
         dry_run: plan, write ``decisions.json``, print the plan and stop before training.
         save_model: export and save the model at the end of fit.
         source: the model source to record in the plan (default: the module's ``hparams.model``).
+        push_to_hub: upload the saved ``model/`` (with its card) to this Hub repo; credentials are
+            checked here, before any work.
         max_shard_size: largest safetensors file of the saved model (``5GB``; bytes or ``500MB``,
             ``2GiB``...); a larger model is saved as several shards plus an index.
     """
@@ -85,10 +89,14 @@ class StageCallback(L.Callback):
         dry_run: bool = False,
         save_model: bool = True,
         source: str | None = None,
+        push_to_hub: str | None = None,
         max_shard_size: str = DEFAULT_SHARD_SIZE,
     ):
+        if push_to_hub and (dry_run or not save_model):
+            raise InputError("push_to_hub uploads the saved model; it needs save_model true and dry_run false")
+        check_push(push_to_hub)
         shard_size_bytes(max_shard_size)  # a bad size fails here, before any weight loads
-        self.max_shard_size = max_shard_size
+        self.push_to_hub, self.max_shard_size = push_to_hub, max_shard_size
         self.stages, self.evaluation, self.run_dir = list(stages), evaluation, run_dir
         self.resume_from, self.dry_run, self.save_model, self.source = resume_from, dry_run, save_model, source
         self.decisions: list[Decision] | None = None
@@ -233,6 +241,17 @@ class StageCallback(L.Callback):
             decision.on_export(model)
         return model
 
+    def _card(self, trainer: L.Trainer, model: torch.nn.Module) -> str:
+        data = {}
+        hparams = getattr(trainer.datamodule, "hparams", None)
+        if hparams:
+            data["training and calibration"] = ", ".join(f"{key}={value}" for key, value in dict(hparams).items() if key != "tokenizer")
+        if self.evaluation is not None:
+            data["evaluation"] = ", ".join(f"{key}={value}" for key, value in self.evaluation.settings().items() if value not in (None, ""))
+        config = self.run(trainer).path / "config.yaml"
+        config_text = config.read_text(encoding="utf-8") if config.exists() else None
+        return recipe_card(self.source, self.decisions or [], self.results, data, config_text, model_summary(model))
+
     # ----- training ---------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         for decision in self.decisions or []:
@@ -248,9 +267,17 @@ class StageCallback(L.Callback):
         self._measure(trainer, model, _tokenizer(pl_module), "after training")
         if self.save_model and trainer.is_global_zero:
             run = self.run(trainer)
-            run.save_model(model, _tokenizer(pl_module), max_shard_size=self.max_shard_size)
+            run.save_model(
+                model,
+                _tokenizer(pl_module),
+                card=self._card(trainer, model),
+                decisions=self.decisions or [],
+                max_shard_size=self.max_shard_size,
+            )
             if unwrap_model(pl_module.model) is not pl_module.model:
                 run.save_model(pl_module.model, name="adapter")
+            if self.push_to_hub:
+                push_model(run.path / "model", self.push_to_hub)
         trainer.strategy.barrier("export")
         pl_module.model.train(was_training)
 

@@ -19,6 +19,8 @@ from dataclasses import fields, is_dataclass
 from jsonargparse import ArgumentParser
 
 from lightning_prune.errors import InputError
+from lightning_prune.extras import missing_extra
+from lightning_prune.summary import summarize
 
 __all__ = ["main", "lightning_main", "build_parser"]
 
@@ -27,6 +29,14 @@ PROG = "lightning-prune"
 # fallback kernels are used and the notice is not an error of the user's run.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# Old option names, accepted for one release with a note: {old: {command: new}}.
+RENAMED_OPTIONS = {
+    "data": {"evaluate": "eval_data", "prune": "eval_data", "merge": "eval_data", "sparsify": "calibration_data"},
+    "num_samples": {"evaluate": "eval_samples", "prune": "eval_samples", "merge": "eval_samples"},
+    "num_items": {"relevance": "calibration_samples"},
+}
+# A recipe's own yes/no options (the LightningCLI's top level) that may be given bare.
+RECIPE_FLAGS = ("dry_run", "evaluate")
 
 
 def _fail(message: str) -> None:
@@ -52,8 +62,28 @@ def _groups(function: Callable) -> dict[str, type]:
     return {name: hints[name] for name in inspect.signature(function).parameters if is_dataclass(hints.get(name))}
 
 
-def build_parser(commands: dict[str, Callable]) -> ArgumentParser:
-    """Parser with one subcommand per function; options come from each signature (dataclass parameters flattened)."""
+def _command_parser(name: str, function: Callable, full: bool) -> ArgumentParser:
+    """One subcommand's parser; its options (from the signature, dataclass parameters flattened) only when ``full``."""
+    sub = _OneLineParser(prog=f"{PROG} {name}", description=_summary(function))
+    if not full:
+        return sub
+    sub.add_argument("--json", type=bool, default=False, help="print the full result as JSON instead of the summary table")
+    groups = _groups(function)
+    sub.add_function_arguments(function, as_group=False, skip=set(groups))
+    added = set(inspect.signature(function).parameters) - set(groups)
+    for group in groups.values():
+        own = {f.name for f in fields(group)}
+        sub.add_class_arguments(group, None, as_group=False, skip=own & added, instantiate=False)
+        added |= own
+    return sub
+
+
+def build_parser(commands: dict[str, Callable], selected: str | None = None) -> ArgumentParser:
+    """Parser with one subcommand per function; options come from each signature (dataclass parameters flattened).
+
+    With ``selected``, only that subcommand gets its options (the others keep their one-line
+    help): reading docstrings into options is most of the start-up time.
+    """
     parser = _OneLineParser(
         prog=PROG,
         description="One-shot commands below. Recipes (stages + training in one Lightning fit): "
@@ -62,16 +92,47 @@ def build_parser(commands: dict[str, Callable]) -> ArgumentParser:
     )
     subcommands = parser.add_subcommands(dest="command")
     for name, function in commands.items():
-        sub = _OneLineParser(prog=f"{PROG} {name}", description=_summary(function))
-        groups = _groups(function)
-        sub.add_function_arguments(function, as_group=False, skip=set(groups))
-        added = set(inspect.signature(function).parameters) - set(groups)
-        for group in groups.values():
-            own = {f.name for f in fields(group)}
-            sub.add_class_arguments(group, None, as_group=False, skip=own & added, instantiate=False)
-            added |= own
-        subcommands.add_subcommand(name, sub, help=_summary(function))
+        full = selected is None or name == selected
+        subcommands.add_subcommand(name, _command_parser(name, function, full), help=_summary(function))
     return parser
+
+
+def _bool_options(function: Callable) -> set[str]:
+    """Names of the command's yes/no options (plain parameters and dataclass fields typed ``bool``)."""
+    hints = typing.get_type_hints(function)
+    names = {name for name in inspect.signature(function).parameters if hints.get(name) is bool}
+    for group in _groups(function).values():
+        group_hints = typing.get_type_hints(group)
+        names |= {f.name for f in fields(group) if group_hints.get(f.name) is bool}
+    return names
+
+
+def _is_value(token: str) -> bool:
+    return not token.startswith("--")
+
+
+def bare_flags(argv: list[str], flags: set[str] | tuple[str, ...]) -> list[str]:
+    """``--overwrite`` given without a value (last, or followed by another option) means ``--overwrite true``."""
+    expanded = []
+    for position, token in enumerate(argv):
+        expanded.append(token)
+        following = argv[position + 1] if position + 1 < len(argv) else None
+        if token.startswith("--") and token[2:] in flags and (following is None or not _is_value(following)):
+            expanded.append("true")
+    return expanded
+
+
+def renamed_options(command: str, argv: list[str]) -> list[str]:
+    """Replace old option names by the current ones, with a one-line note on stderr for each."""
+    result = []
+    for token in argv:
+        name, equals, value = token[2:].partition("=")
+        new = RENAMED_OPTIONS.get(name, {}).get(command) if token.startswith("--") else None
+        if new:
+            print(f"{PROG}: note: {command} --{name} is now --{new}; the old name goes in the next release", file=sys.stderr)
+            token = f"--{new}{equals}{value}"
+        result.append(token)
+    return result
 
 
 def _call(function: Callable, options: dict):
@@ -102,16 +163,17 @@ def lightning_main(args: list[str] | None = None) -> None:
     # the console script passes its own argv on as args (after resolving recipe names)
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
-        PruneCLI(args=resolve_config_args(sys.argv[1:] if args is None else args))
+        PruneCLI(args=bare_flags(resolve_config_args(sys.argv[1:] if args is None else args), RECIPE_FLAGS))
     except Exception as error:
         plan = _in_chain(error, PlanOnly)
         if plan is not None:
             print(f"dry run: plan written to {plan}; nothing was trained")
             return
         cause = _in_chain(error, InputError)
-        if cause is None:
+        hint = missing_extra(error)
+        if cause is None and hint is None:
             raise
-        _fail(str(cause))
+        _fail(str(cause) if cause is not None else hint)
 
 
 def recipes_main(args: list[str]) -> None:
@@ -141,13 +203,23 @@ def main(argv: list[str] | None = None) -> None:
         return
     from lightning_prune.commands import COMMANDS
 
-    config = build_parser(COMMANDS).parse_args(argv)
+    selected = argv[0] if argv and argv[0] in COMMANDS else ""
+    if selected:
+        argv = [selected, *bare_flags(renamed_options(selected, argv[1:]), _bool_options(COMMANDS[selected]) | {"json"})]
+    config = build_parser(COMMANDS, selected).parse_args(argv)
     options = config[config.command].as_dict()
+    as_json = options.pop("json")
     try:
         result = _call(COMMANDS[config.command], options)
     except InputError as error:
         _fail(str(error))
-    print(json.dumps(result, indent=2, default=str))
+    except ModuleNotFoundError as error:
+        hint = missing_extra(error)
+        if hint is None:
+            raise
+        _fail(hint)
+    if result is not None:  # generate and chat print their own output
+        print(json.dumps(result, indent=2, default=str) if as_json else summarize(config.command, result))
 
 
 if __name__ == "__main__":

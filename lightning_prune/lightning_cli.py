@@ -5,11 +5,13 @@ sections that every flag can reach:
 
 - ``run_dir``: the one output location: ``config.yaml``, ``decisions.json``, ``metrics.json``,
   ``model/``, ``adapter/``, ``checkpoints/`` (ModelCheckpoints without a ``dirpath``) and
-  ``logs/`` (a CSV logger, unless the recipe sets ``trainer.logger``);
+  ``logs/`` (a CSV logger, and a TensorBoard one when ``tensorboard`` is installed, unless the
+  recipe sets ``trainer.logger``);
 - ``stages``: stage names in order (``prune``, ``merge``, ``sparsify``), each configured by its
   own section (``prune:``, ``merge:``, ``sparsify:``; e.g. ``--prune.num_layers 3``);
 - ``evaluation``: what ``metrics.json`` measures (``--evaluate false`` turns it off);
 - ``dry_run``: plan, write ``decisions.json``, print the plan, stop before training;
+- ``push_to_hub``: upload ``model/`` (with its model card) to a Hub repo at the end;
 - ``max_shard_size``: largest safetensors file of the saved ``model/`` (default 5GB).
 
 ``model.init_args.model`` is linked to ``data.init_args.tokenizer``: changing the model changes
@@ -19,22 +21,42 @@ architecture before Lightning loads its weights.
 """
 
 import difflib
+import importlib.util
+import logging
+import warnings
 from pathlib import Path
 
 from jsonargparse import ActionConfigFile
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_prune.callbacks.stage import StageCallback
 from lightning_prune.errors import InputError
 from lightning_prune.evaluation.suite import EvaluationSuite
+from lightning_prune.extras import missing_extra, missing_extra_in
 from lightning_prune.model.loading import load_config
+from lightning_prune.progress import StepBudgetProgressBar
 from lightning_prune.results import DEFAULT_SHARD_SIZE, RunDirectory
 from lightning_prune.stages import STAGES
 from lightning_prune.stages.plan import check_stages
 
-__all__ = ["PruneCLI", "RunConfig", "RecipeParser", "RecipeError"]
+__all__ = ["PruneCLI", "RunConfig", "RecipeParser", "RecipeError", "quiet_third_party", "run_loggers"]
+
+
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's "💡 Tip: … try installing …" product suggestions."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("💡 Tip:")
+
+
+def quiet_third_party() -> None:
+    """Silence adverts and deprecation notices that come from libraries' own calls, not from the user's recipe."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
+    # peft reads model.is_gradient_checkpointing (deprecated in transformers 5); Lightning's own pytree use
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 class RecipeError(InputError):
@@ -45,7 +67,7 @@ class RecipeParser(LightningArgumentParser):
     """Parser whose errors are one :class:`RecipeError` instead of usage text plus a nested message."""
 
     def error(self, message: str, ex: Exception | None = None):
-        raise RecipeError(_condensed(message))
+        raise RecipeError(missing_extra(ex) or missing_extra_in(str(message)) or _condensed(message))
 
 
 def _condensed(message: str) -> str:
@@ -71,6 +93,16 @@ class RunConfig(SaveConfigCallback):
             RunDirectory(self.config["run_dir"], overwrite=True).write_text("config.yaml", text)
 
 
+def run_loggers(run_dir: Path) -> list:
+    """A CSV logger in ``run_dir/logs``, plus a TensorBoard logger there when ``tensorboard`` is installed."""
+    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="logs")]
+    if importlib.util.find_spec("tensorboard") is not None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="", version="logs"))
+    return loggers
+
+
 def _stage_names(names: list[str]) -> list[str]:
     for name in names:
         if name not in STAGES:
@@ -87,6 +119,7 @@ class PruneCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", RunConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True, "save_to_log_dir": False})
         kwargs.setdefault("seed_everything_default", 0)
+        quiet_third_party()
         self.stage_callback: StageCallback | None = None
         super().__init__(model_class=None, datamodule_class=None, subclass_mode_model=True, subclass_mode_data=True, args=args, **kwargs)
 
@@ -104,6 +137,7 @@ class PruneCLI(LightningCLI):
         parser.add_class_arguments(EvaluationSuite, "evaluation", instantiate=True)
         parser.add_argument("--evaluate", type=bool, default=True, help="Measure dense, after each stage and after training.")
         parser.add_argument("--dry_run", type=bool, default=False, help="Plan, write decisions.json, print the plan, stop.")
+        parser.add_argument("--push_to_hub", type=str | None, default=None, help="Upload model/ (with its card) to this Hub repo.")
         parser.add_argument(
             "--max_shard_size", type=str, default=DEFAULT_SHARD_SIZE, help="Largest safetensors shard of model/ (500MB, 5GB, 2GiB, bytes)."
         )
@@ -124,6 +158,7 @@ class PruneCLI(LightningCLI):
             run_dir=str(run_dir),
             dry_run=config["dry_run"],
             source=model_source,
+            push_to_hub=config["push_to_hub"],
             max_shard_size=config["max_shard_size"],
         )
         trainer = config["trainer"]
@@ -131,11 +166,13 @@ class PruneCLI(LightningCLI):
         for callback in callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 callback.dirpath = str(run_dir / "checkpoints")
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(StepBudgetProgressBar())
         kwargs.update(callbacks=[self.stage_callback, *callbacks], default_root_dir=str(run_dir))
         if config["dry_run"]:
             kwargs["logger"] = False  # a dry run writes nothing but decisions.json
         elif trainer.get("logger") in (None, True):
-            kwargs["logger"] = CSVLogger(save_dir=str(run_dir), name="", version="logs")
+            kwargs["logger"] = run_loggers(run_dir)
         return super().instantiate_trainer(**kwargs)
 
     def _hand_checkpoint(self) -> None:

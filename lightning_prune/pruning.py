@@ -61,14 +61,20 @@ class _Run:
         self.model, self.data, self.blocks, self.metric, self.comp, self.options = model, data, blocks, metric, comp, options
         self.current = list(range(Anatomy(model).num_layers))
         self.records: list[dict] = []
+        self.count = 0  # layers this run removes (set once the target is known)
+
+    def _label(self, action: str) -> None:
+        self.options.label = f"removal {len(self.records) + 1}/{self.count} · {action}"
 
     def score(self, candidates: list[int]) -> torch.Tensor:
         self.options.candidates = candidates
+        self._label(f"scoring {len(candidates)} layers")
         return METRICS[self.metric](self.model, self.data, self.options)
 
     def remove(self, index: int) -> None:
         """Remove (and compensate) the layer with original index ``index``."""
         position = self.current.index(index)
+        self._label(f"removing layer {index}")
         self.records.append({"layer": index, **self.comp.remove(self.model, position, self.blocks, self.options)})
         del self.current[position]
 
@@ -125,6 +131,7 @@ def prune_layers(
     tied = anatomy.lm_head.weight is anatomy.embed_tokens.weight
     depth = anatomy.num_layers
     run = _Run(model, data, blocks, metric, comp, options)
+    run.count = len(layers) if layers is not None else count
     comp.start(model, blocks, options)
     if layers is not None:
         steps = [Step(list(layers))]
@@ -132,6 +139,7 @@ def prune_layers(
             run.remove(index)
     else:
         steps = run.select(selection, count, first, last)
+    options.label = f"{comp.name} compensation · final"
     final = comp.finish(model, blocks, list(run.current), options)
     removed = {"removed_layers": [index for step in steps for index in step.removed], "kept_layers": list(run.current)}
     untied = tied and Anatomy(model).lm_head.weight is not Anatomy(model).embed_tokens.weight

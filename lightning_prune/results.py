@@ -97,8 +97,7 @@ class RunDirectory:
         existing = [name for name in RESULT_NAMES if (self.path / name).exists()]
         if existing and not self.overwrite:
             raise InputError(
-                f"output_dir {str(self.path)!r} already holds results ({', '.join(existing)}); "
-                "choose another directory or pass --overwrite true"
+                f"output_dir {str(self.path)!r} already holds results ({', '.join(existing)}); choose another directory or pass --overwrite"
             )
 
     def _publish(self, temporary: Path, name: str) -> Path:
@@ -125,11 +124,22 @@ class RunDirectory:
         """Write the settings of the run as ``config.yaml``."""
         return self.write_text("config.yaml", yaml.safe_dump(config, sort_keys=False))
 
-    def save_model(self, model: nn.Module, tokenizer=None, name: str = "model", max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
+    def save_model(
+        self,
+        model: nn.Module,
+        tokenizer=None,
+        name: str = "model",
+        card: str | None = None,
+        decisions=(),
+        max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+    ) -> Path:
         """``save_pretrained`` (safetensors, shards of at most ``max_shard_size``) into a temporary directory, then rename it to ``name``.
 
         A model larger than one shard is written as ``model-0000k-of-0000n.safetensors`` plus
         ``model.safetensors.index.json``, one shard file at a time; ``from_pretrained`` reads either.
+        Inside the staged directory, each decision's ``on_save(model, directory)`` may rewrite the
+        files (e.g. a compressed export) and ``card`` becomes ``README.md``, so the model and its
+        card appear together or not at all.
         """
         shard_bytes = shard_size_bytes(max_shard_size)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -138,6 +148,10 @@ class RunDirectory:
             model.save_pretrained(temporary, safe_serialization=True, max_shard_size=shard_bytes)
             if tokenizer is not None:
                 tokenizer.save_pretrained(temporary)
+            for decision in decisions:
+                decision.on_save(model, temporary)
+            if card is not None:
+                (temporary / "README.md").write_text(card, encoding="utf-8")
             _readable(temporary)
         except BaseException:
             shutil.rmtree(temporary, ignore_errors=True)

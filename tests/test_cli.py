@@ -15,21 +15,22 @@ def test_evaluate_writes_metrics(capsys, tiny_dir, tmp_path):
         "evaluate",
         "--model",
         tiny_dir,
-        "--data",
+        "--eval_data",
         f"wikitext2,{text}",
         "--seq_len",
         32,
-        "--num_samples",
+        "--eval_samples",
         4,
         "--output_dir",
         tmp_path / "run",
+        "--json",
     )
     assert code == 0, err
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(metrics["perplexity"]) == {"wikitext2", "story"}
     assert all(value > 1 for value in metrics["perplexity"].values())
     assert metrics["num_layers"] == 6
-    assert metrics["settings"]["seq_len"] == 32 and metrics["settings"]["num_samples"] == 4
+    assert metrics["settings"]["seq_len"] == 32 and metrics["settings"]["eval_samples"] == 4
     assert metrics["settings"]["data_files"]["wikitext2"] == "wikitext-2-raw/wiki.test.raw"
     assert "torch" in metrics["versions"] and "transformers" in metrics["versions"]
     assert json.loads(out)["perplexity"] == metrics["perplexity"]
@@ -38,7 +39,7 @@ def test_evaluate_writes_metrics(capsys, tiny_dir, tmp_path):
 def test_prune_saves_reloadable_model(capsys, tiny_dir, tmp_path):
     out_dir = tmp_path / "pruned"
     code, out, err = run_cli(
-        capsys, "prune", "--model", tiny_dir, "--layers", "3,1", "--seq_len", 32, "--num_samples", 4, "--output_dir", out_dir
+        capsys, "prune", "--model", tiny_dir, "--layers", "3,1", "--seq_len", 32, "--eval_samples", 4, "--output_dir", out_dir
     )
     assert code == 0, err
     decision = read_decision(out_dir, "prune")
@@ -68,7 +69,7 @@ def gpt2_dir(tmp_path):
 def bad_inputs(tiny_dir, gpt2_dir, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    common = ["--seq_len", 32, "--num_samples", 4]
+    common = ["--seq_len", 32, "--eval_samples", 4]
     return [
         (["evaluate", "--model", tmp_path / "nope"], "does not exist"),
         (["evaluate", "--model", gpt2_dir], "unsupported architecture 'gpt2'; supported model types: llama"),
@@ -78,9 +79,9 @@ def bad_inputs(tiny_dir, gpt2_dir, tmp_path):
         (["prune", "--model", tiny_dir, "--layers", "a", *common], "comma-separated integers"),
         (["evaluate", "--model", tiny_dir, "--seq_len", 0], "seq_len must be a positive"),
         (["evaluate", "--model", tiny_dir, "--seq_len", 1000], "exceeds the model's maximum of 256"),
-        (["evaluate", "--model", tiny_dir, "--seq_len", 200, "--num_samples", 100000], "num_samples=100000 is more than"),
-        (["evaluate", "--model", tiny_dir, "--data", empty, *common], "is empty"),
-        (["evaluate", "--model", tiny_dir, "--data", tmp_path / "missing.txt", *common], "does not exist"),
+        (["evaluate", "--model", tiny_dir, "--seq_len", 200, "--eval_samples", 100000], "eval_samples=100000 is more than"),
+        (["evaluate", "--model", tiny_dir, "--eval_data", empty, *common], "is empty"),
+        (["evaluate", "--model", tiny_dir, "--eval_data", tmp_path / "missing.txt", *common], "does not exist"),
         (["evaluate", "--model", tiny_dir, "--dtype", "float8", *common], "dtype 'float8' is not supported"),
     ]
 
@@ -97,11 +98,11 @@ def test_existing_results_need_overwrite(capsys, tiny_dir, tmp_path):
     out_dir = tmp_path / "run"
     out_dir.mkdir()
     (out_dir / "metrics.json").write_text("{}")
-    code, _, err = run_cli(capsys, "evaluate", "--model", tiny_dir, "--seq_len", 32, "--num_samples", 2, "--output_dir", out_dir)
+    code, _, err = run_cli(capsys, "evaluate", "--model", tiny_dir, "--seq_len", 32, "--eval_samples", 2, "--output_dir", out_dir)
     assert_one_line_error(code, err, "already holds results")
     assert (out_dir / "metrics.json").read_text() == "{}"
     code, _, err = run_cli(
-        capsys, "evaluate", "--model", tiny_dir, "--seq_len", 32, "--num_samples", 2, "--output_dir", out_dir, "--overwrite", "true"
+        capsys, "evaluate", "--model", tiny_dir, "--seq_len", 32, "--eval_samples", 2, "--output_dir", out_dir, "--overwrite", "true"
     )
     assert code == 0, err
 
@@ -131,12 +132,12 @@ def test_data_problems_are_named_before_any_weights_load(capsys, tiny_dir, tmp_p
     missing, folder = tmp_path / "missing.txt", tmp_path / "folder"
     folder.mkdir()
     cases = [
-        (["evaluate", "--data", f"wikitext2,{missing}"], "does not exist"),
-        (["prune", "--layers", "1", "--data", folder], "is a directory"),
+        (["evaluate", "--eval_data", f"wikitext2,{missing}"], "does not exist"),
+        (["prune", "--layers", "1", "--eval_data", folder], "is a directory"),
         (["prune", "--metric", "bi", "--num_layers", "1", "--calibration_data", missing], "does not exist"),
         (["score", "--metric", "bi", "--calibration_data", missing], "does not exist"),
         (["merge", "--num_layers", "1", "--calibration_data", missing], "does not exist"),
-        (["sparsify", "--sparsity", "0.5", "--data", missing], "does not exist"),
+        (["sparsify", "--sparsity", "0.5", "--calibration_data", missing], "does not exist"),
     ]
     for args, fragment in cases:
         out_dir = tmp_path / "out"

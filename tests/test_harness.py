@@ -59,8 +59,10 @@ def test_bad_tasks_are_named(tmp_path):
     write_task(tmp_path / "broken.jsonl", [{"query": "q", "choices": ["a", "b"]}])
     with pytest.raises(InputError, match="lacks field 'gold'"):
         resolve_tasks(["broken"], str(tmp_path))
-    with pytest.raises(InputError, match="task 'hellaswag' is not bundled"):
-        resolve_tasks(["hellaswag"])
+    with pytest.raises(
+        InputError, match="task 'hellaswagg' is not bundled .*, not in lm-eval's registry \\(did you mean 'hellaswag'\\?\\)"
+    ):
+        resolve_tasks(["hellaswagg"])
     with pytest.raises(InputError, match="is not a directory"):
         resolve_tasks(["arc_easy"], str(tmp_path / "nowhere"))
     with pytest.raises(InputError, match="limit 0 must be a positive"):
@@ -79,7 +81,7 @@ def test_cli_evaluate_with_tasks(capsys, tiny_dir, tmp_path):
         tiny_dir,
         "--seq_len",
         32,
-        "--num_samples",
+        "--eval_samples",
         2,
         "--tasks",
         "arc_easy,mine",
@@ -102,3 +104,14 @@ def test_cli_evaluate_with_tasks(capsys, tiny_dir, tmp_path):
         code, _, err = run_cli(capsys, "evaluate", "--model", tiny_dir, *extra, "--output_dir", tmp_path / "bad_run")
         assert_one_line_error(code, err, fragment)
         assert not (tmp_path / "bad_run").exists()
+
+
+def test_registry_tasks_resolve_by_name_and_fail_offline_in_one_line(monkeypatch, tiny_tokenizer):
+    from conftest import make_tiny_model
+
+    files = resolve_tasks(["piqa", "hellaswag"])
+    assert files["hellaswag"] is None and files["piqa"].name == "piqa.jsonl"
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError, match="lm-eval could not load the data of --tasks hellaswag: .*local datasets cache"):
+        evaluate_tasks(make_tiny_model("llama"), tiny_tokenizer, ["hellaswag"], limit=2)

@@ -7,12 +7,12 @@ import torch
 from conftest import read_decision, run_cli
 from transformers import AutoModelForCausalLM
 
-SMALL = ("--seq_len", 16, "--num_samples", 4, "--calibration_samples", 4, "--batch_size", 4)
+SMALL = ("--seq_len", 16, "--eval_samples", 4, "--calibration_samples", 4, "--batch_size", 4)
 
 
 def test_merge_writes_reloadable_model_and_decisions(capsys, tiny_dir, tmp_path):
     out_dir = tmp_path / "merged"
-    code, out, err = run_cli(capsys, "merge", "--model", tiny_dir, "--num_layers", 2, *SMALL, "--output_dir", out_dir)
+    code, out, err = run_cli(capsys, "merge", "--model", tiny_dir, "--num_layers", 2, *SMALL, "--output_dir", out_dir, "--json")
     assert code == 0, err
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["before"]["num_layers"] == 6 and metrics["after"]["num_layers"] == 4

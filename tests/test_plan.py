@@ -9,22 +9,34 @@ from transformers import AutoModelForCausalLM
 
 SMALL = ["--seq_len", 32, "--calibration_samples", 4, "--batch_size", 4]
 COMMANDS = {
-    "prune": ["prune", "--num_layers", 2, "--selection", "iterative", "--compensation", "magnitude", "--num_samples", 2],
+    "prune": ["prune", "--num_layers", 2, "--selection", "iterative", "--compensation", "magnitude", "--eval_samples", 2],
     "prune_projection": [
         "prune",
         "--num_layers",
         2,
         "--compensation",
         "projection",
-        "--num_samples",
+        "--eval_samples",
         2,
         "--calibration_samples",
         4,
         "--seq_len",
         64,
     ],
-    "merge": ["merge", "--num_layers", 2, "--num_samples", 2],
-    "sparsify": ["sparsify", "--method", "sparsegpt", "--allocation", "dlp", "--sparsity", 0.6, "--data", "wikitext2", "--eval_samples", 2],
+    "merge": ["merge", "--num_layers", 2, "--eval_samples", 2],
+    "sparsify": [
+        "sparsify",
+        "--method",
+        "sparsegpt",
+        "--allocation",
+        "dlp",
+        "--sparsity",
+        0.6,
+        "--calibration_data",
+        "wikitext2",
+        "--eval_samples",
+        2,
+    ],
 }
 
 
@@ -41,7 +53,7 @@ def test_apply_replays_a_saved_plan_with_identical_logits(capsys, tiny_dir, tmp_
     assert code == 0, err
     code, out, err = run_cli(capsys, "apply", "--plan", run / "decisions.json", "--model", tiny_dir, "--output_dir", replay)
     assert code == 0, err
-    assert "plan:" in out
+    assert "| applied " in out and out.splitlines()[-1] == f"saved to {replay}/model"
     torch.testing.assert_close(logits(replay / "model"), logits(run / "model"), rtol=0, atol=1e-5)
     assert json.loads((replay / "decisions.json").read_text())["decisions"] == json.loads((run / "decisions.json").read_text())["decisions"]
 
@@ -88,7 +100,7 @@ def test_recipe_dry_run_stops_before_training(capsys, tiny_dir, tmp_path):
 
 def test_plan_for_another_model_or_corrupted_is_refused(capsys, tiny_dir, tmp_path, tiny_tokenizer):
     run = tmp_path / "run"
-    code, _, err = run_cli(capsys, "prune", "--model", tiny_dir, *SMALL, "--layers", "1,2", "--num_samples", 2, "--output_dir", run)
+    code, _, err = run_cli(capsys, "prune", "--model", tiny_dir, *SMALL, "--layers", "1,2", "--eval_samples", 2, "--output_dir", run)
     assert code == 0, err
     other = tmp_path / "qwen"
     make_tiny_model("qwen2").save_pretrained(other)

@@ -28,11 +28,11 @@ def test_evaluate_and_prune_demo(tmp_path, capsys):
             "evaluate",
             "--model",
             "demo",
-            "--data",
+            "--eval_data",
             "wikitext2",
             "--seq_len",
             "128",
-            "--num_samples",
+            "--eval_samples",
             "16",
             "--output_dir",
             str(tmp_path / "eval"),
@@ -41,7 +41,7 @@ def test_evaluate_and_prune_demo(tmp_path, capsys):
     dense = json.loads((tmp_path / "eval" / "metrics.json").read_text())["perplexity"]["wikitext2"]
     assert math.isfinite(dense) and 20 < dense < 200
     out_dir = tmp_path / "pruned"
-    main(["prune", "--model", "demo", "--layers", "24,25", "--seq_len", "64", "--num_samples", "4", "--output_dir", str(out_dir)])
+    main(["prune", "--model", "demo", "--layers", "24,25", "--seq_len", "64", "--eval_samples", "4", "--output_dir", str(out_dir)])
     capsys.readouterr()
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["after"]["num_layers"] == 28
@@ -61,17 +61,21 @@ def check_demo(tmp_path, capsys, model: str = "demo", depth: int = 30, layer_par
     """``lightning-prune demo`` (the prune_heal recipe through the CLI) with 2 layers removed and 1 healing step."""
     from transformers import AutoModelForCausalLM
 
-    from lightning_prune.commands.demo import demo
+    from lightning_prune.cli import main
 
     out = tmp_path / "demo"
-    result = demo(model=model, num_layers=2, heal_steps=1, output_dir=str(out))
+    main(["demo", "--model", model, "--num_layers", "2", "--heal_steps", "1", "--output_dir", str(out)])
     printed = capsys.readouterr().out
-    assert result["run_dir"] == str(out)
-    assert list(result["stages"]) == ["dense", "after prune", "after training"]
-    assert "| stage | layers | parameters | size MB | PPL wikitext2 | PPL c4 | seconds |" in printed
-    for label, values in result["stages"].items():
-        assert f"| {label} | {values['num_layers']} | {values['num_parameters']:,} |" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    stages = {label: values for label, values in metrics.items() if isinstance(values, dict) and "perplexity" in values}
+    assert list(stages) == ["dense", "after prune", "after training"]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in printed.splitlines() if line.startswith("|")]
+    assert rows[0] == ["stage", "layers", "parameters", "weights MB", "PPL wikitext2", "PPL c4", "seconds"]
+    for row, (label, values) in zip(rows[2:], stages.items(), strict=True):
+        assert row[:3] == [label, str(values["num_layers"]), f"{values['num_parameters']:,}"]
+        assert row[4] == f"{values['perplexity']['wikitext2']:.2f}"
         assert all(math.isfinite(v) and v > 1 for v in values["perplexity"].values())
+    assert printed.splitlines()[-1] == f"healed model saved to {out}/model"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["dense"]["num_layers"] == depth
     assert metrics["after prune"]["num_layers"] == metrics["after training"]["num_layers"] == depth - 2
@@ -79,7 +83,7 @@ def check_demo(tmp_path, capsys, model: str = "demo", depth: int = 30, layer_par
     assert "seconds" in metrics["after prune"]
     assert AutoModelForCausalLM.from_pretrained(out / "model").config.num_hidden_layers == depth - 2
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "decisions.json").is_file()
-    return result
+    return metrics
 
 
 def test_demo_command_prunes_heals_and_prints_the_table(tmp_path, capsys):

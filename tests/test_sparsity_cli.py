@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from lightning_prune.cli import main
 
-SMALL = ["--data", "wikitext2", "--calibration_samples", "4", "--seq_len", "32", "--eval_samples", "4"]
+SMALL = ["--calibration_data", "wikitext2", "--calibration_samples", "4", "--seq_len", "32", "--eval_samples", "4"]
 
 
 def test_sparsify_writes_model_decisions_metrics_and_plot(tiny_dir, tmp_path, capsys):

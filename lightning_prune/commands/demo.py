@@ -3,30 +3,16 @@
 Not a second implementation: it runs ``fit --config prune_heal`` (iterative Block Influence
 removes 7 of 30 layers with magnitude compensation, LoRA heals 8 steps on WikiText-2 valid,
 the run directory gets ``metrics.json`` with the dense model, the pruned one and the healed
-one) and prints that file's rows as a table.
+one); the console summary prints that file's rows as a table.
 """
 
 import json
 from pathlib import Path
 
+from lightning_prune.extras import require
 from lightning_prune.results import RunDirectory
 
-__all__ = ["demo", "summary_table"]
-
-
-def summary_table(rows: dict[str, dict]) -> str:
-    """A markdown table: one row per stage with layers, parameters, weight size, perplexity per source and time."""
-    sources = list(next(iter(rows.values()))["perplexity"])
-    lines = ["| stage | layers | parameters | size MB | " + " | ".join(f"PPL {key}" for key in sources) + " | seconds |"]
-    lines.append("|---" * (5 + len(sources)) + "|")
-    for stage, values in rows.items():
-        scores = " | ".join(f"{values['perplexity'][key]:.2f}" for key in sources)
-        seconds = f"{values['seconds']:.1f}" if "seconds" in values else ""
-        lines.append(
-            f"| {stage} | {values['num_layers']} | {values['num_parameters']:,} | "
-            f"{values.get('num_bytes', 0) / 1e6:.1f} | {scores} | {seconds} |"
-        )
-    return "\n".join(lines)
+__all__ = ["demo"]
 
 
 def demo(
@@ -48,6 +34,7 @@ def demo(
     from lightning_prune.cli import lightning_main
     from lightning_prune.recipes import recipe_path
 
+    require("peft", "demo (LoRA healing)")
     RunDirectory(output_dir, overwrite).check()
     args = ["fit", "--config", str(recipe_path("prune_heal")), "--run_dir", output_dir, "--model.init_args.model", model]
     if num_layers is not None:
@@ -57,6 +44,4 @@ def demo(
     lightning_main(args)
     metrics = json.loads((Path(output_dir) / "metrics.json").read_text(encoding="utf-8"))
     rows = {label: values for label, values in metrics.items() if isinstance(values, dict) and "perplexity" in values}
-    print(summary_table(rows))
-    print(f"healed model saved to {output_dir}/model (loads with transformers.AutoModelForCausalLM.from_pretrained)")
     return {"run_dir": output_dir, "stages": rows}

@@ -9,9 +9,9 @@ __all__ = ["evaluate"]
 
 def evaluate(
     model: str = "demo",
-    data: str = "wikitext2",
+    eval_data: str = "wikitext2",
     seq_len: int = 128,
-    num_samples: int = 64,
+    eval_samples: int = 64,
     batch_size: int = 8,
     dtype: str = "auto",
     device: str = "auto",
@@ -22,13 +22,13 @@ def evaluate(
     limit: int | None = None,
     num_fewshot: int = 0,
 ) -> dict:
-    """Measure perplexity on the first ``num_samples`` blocks of each data source, and task accuracy.
+    """Measure perplexity on the first eval_samples blocks of each data source, and task accuracy.
 
     Args:
         model: 'demo', a Hugging Face Hub id, a local model directory or a .gguf file.
-        data: comma-separated sources: wikitext2, c4, or paths to text/jsonl files (key = file stem).
+        eval_data: comma-separated sources: wikitext2, c4, or paths to text/jsonl files (key = file stem).
         seq_len: tokens per block.
-        num_samples: blocks per source.
+        eval_samples: blocks per source.
         batch_size: blocks per forward pass.
         dtype: auto (bfloat16 on a CUDA device that supports it, else float32), float32, bfloat16 or float16.
         device: auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps.
@@ -47,9 +47,9 @@ def evaluate(
     if task_names:
         check_task_options(limit, num_fewshot)
         resolve_tasks(task_names, task_dir)
-    sources = split_names(data)
+    sources = split_names(eval_data)
     lm, tokenizer = load_checked_model(model, dtype=dtype, device=device, seq_len=seq_len, data=sources)
-    evaluation = EvaluationData(tokenizer, sources, seq_len=seq_len, num_samples=num_samples)
+    evaluation = EvaluationData(tokenizer, sources, seq_len=seq_len, num_samples=eval_samples)
     settings["data_files"] = evaluation.files
     values = evaluation.evaluate(lm, batch_size=batch_size)
     if task_names:

@@ -48,7 +48,7 @@ def _task_scores(lm, tokenizer, items, *, seq_len: int, options: ScoringOptions)
 def relevance(
     model: str = "demo",
     tasks: str = "arc_easy,piqa,boolq",
-    num_items: int = 64,
+    calibration_samples: int = 64,
     mixed: bool = True,
     seq_len: int = 128,
     batch_size: int = 8,
@@ -63,11 +63,11 @@ def relevance(
     Args:
         model: 'demo', a Hugging Face Hub id, a local model directory or a .gguf file.
         tasks: comma-separated tasks: arc_easy, piqa, boolq or multiple-choice jsonl files.
-        num_items: first items taken from each task.
+        calibration_samples: first items taken from each task.
         mixed: also score the union of the tasks' items (task-independent relevance).
         seq_len: tokens per block for the cosine block-influence comparison.
         batch_size: blocks per forward pass (cosine BI).
-        seed: recorded for completeness (the items are the first num_items, no random draw).
+        seed: recorded for completeness (the items are the first calibration_samples, no random draw).
         dtype: auto (bfloat16 on a CUDA device that supports it, else float32), float32, bfloat16 or float16.
         device: auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps.
         output_dir: run directory for relevance.json and relevance.png.
@@ -77,12 +77,12 @@ def relevance(
     names = split_names(tasks)
     if not names:
         raise InputError("--tasks names no task; pass e.g. arc_easy,piqa,boolq")
-    if num_items <= 0:
-        raise InputError(f"num_items must be positive, got {num_items}")
+    if calibration_samples <= 0:
+        raise InputError(f"calibration_samples must be positive, got {calibration_samples}")
     run = RunDirectory(output_dir, overwrite)
     check_fresh(run, "relevance.json")
     check_seq_len(seq_len, load_config(model))
-    items = {name: load_task(name, limit=num_items) for name in names}
+    items = {name: load_task(name, limit=calibration_samples) for name in names}
     if mixed and len(names) > 1:
         items[MIXED] = [item for name in names for item in items[name]]
     lm, tokenizer = load_checked_model(model, dtype=dtype, device=device, seq_len=seq_len)

@@ -21,7 +21,9 @@ def load_scoring_data(tokenizer, source: str, metric: str, *, seq_len: int, num_
     seeded draw), or for a multiple-choice task its first ``num_samples`` items (encoded for
     ``accuracy``) and blocks cut from the items' text."""
     if not is_task(source):
-        blocks = load_blocks(tokenizer, source, split="validation", seq_len=seq_len, num_samples=num_samples, seed=seed)
+        blocks = load_blocks(
+            tokenizer, source, split="validation", seq_len=seq_len, num_samples=num_samples, seed=seed, option="calibration_samples"
+        )
         return blocks, blocks
     items = load_task(source, limit=num_samples)
     ids = tokenize_text(tokenizer, task_text(items))
@@ -34,7 +36,7 @@ def check_fresh(run: RunDirectory, name: str) -> None:
     """Refuse (before any work) to replace an existing ``name`` in the run directory unless overwriting."""
     run.check()
     if (run.path / name).exists() and not run.overwrite:
-        raise InputError(f"output_dir {str(run.path)!r} already holds {name}; choose another directory or pass --overwrite true")
+        raise InputError(f"output_dir {str(run.path)!r} already holds {name}; choose another directory or pass --overwrite")
 
 
 def _finite(values: torch.Tensor) -> list[float | None]:

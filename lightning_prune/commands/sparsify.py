@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from lightning_prune.commands.staged import run_stage
+from lightning_prune.evaluation.plots import pyplot
 from lightning_prune.stages import SparsifyStage
 
 __all__ = ["sparsify", "plot_layer_sparsity"]
@@ -19,11 +20,7 @@ PLOT_NAME = "layer_sparsity.png"
 
 def plot_layer_sparsity(path: Path, layer_sparsity: list[float], target: float, title: str) -> Path:
     """Bar chart of per-layer sparsity with the target as a line, saved atomically as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(8, 3.5))
     axis.bar(range(len(layer_sparsity)), layer_sparsity, color="tab:blue")
     axis.axhline(target, color="tab:red", linestyle="--", label=f"target {target:g}")
@@ -41,7 +38,7 @@ def plot_layer_sparsity(path: Path, layer_sparsity: list[float], target: float, 
 def sparsify(
     stage: SparsifyStage,
     model: str = "demo",
-    data: str = "c4",
+    calibration_data: str = "c4",
     calibration_samples: int = 128,
     seq_len: int = 128,
     seed: int = 0,
@@ -53,13 +50,14 @@ def sparsify(
     output_dir: str = "runs/sparsify",
     overwrite: bool = False,
     dry_run: bool = False,
+    push_to_hub: str | None = None,
 ) -> dict:
     """Prune the decoder's projection weights to a sparsity, allocated per layer (uniform, OWL or DLP).
 
     Args:
         stage: the sparsity options (flattened into this command's flags).
         model: 'demo', a Hugging Face Hub id, a local model directory or a .gguf file.
-        data: calibration source (c4, wikitext2, text/jsonl path), validation split.
+        calibration_data: calibration source (c4, wikitext2, text/jsonl path), validation split.
         calibration_samples: calibration blocks.
         seq_len: tokens per calibration and evaluation block.
         seed: seed for drawing the calibration blocks.
@@ -71,13 +69,14 @@ def sparsify(
         output_dir: run directory for model/, decisions.json, metrics.json and the PNG.
         overwrite: replace results already in output_dir.
         dry_run: plan, print the decision and write only decisions.json (no model, no evaluation).
+        push_to_hub: upload model/ (with its model card) to this Hub repo (needs HF_TOKEN or `hf auth login`).
     """
     settings = {k: v for k, v in locals().items() if k != "stage"}
     result = run_stage(
         stage,
         settings,
         model=model,
-        calibration_data=data,
+        calibration_data=calibration_data,
         calibration_samples=calibration_samples,
         seed=seed,
         eval_data=eval_data,
@@ -89,6 +88,7 @@ def sparsify(
         output_dir=output_dir,
         overwrite=overwrite,
         dry_run=dry_run,
+        push_to_hub=push_to_hub,
     )
     if not dry_run:
         decision = result["decisions"]["decisions"][0]

@@ -15,7 +15,9 @@ from lightning_prune.data.tasks import is_task
 from lightning_prune.data.text import load_blocks
 from lightning_prune.errors import InputError
 from lightning_prune.evaluation.suite import data_location
+from lightning_prune.hub import check_push, push_model
 from lightning_prune.model.loading import load_config
+from lightning_prune.model_card import stage_card
 from lightning_prune.results import RunDirectory, model_summary
 from lightning_prune.stages import Stage
 from lightning_prune.stages.plan import check_stages, fingerprint, format_plan, plan_json, plan_tensors
@@ -32,30 +34,32 @@ class StageRun:
         calibration_data: wikitext2 / c4 (validation split), a text/jsonl file, or a task (arc_easy, piqa, boolq).
         calibration_samples: calibration blocks of seq_len tokens (or task items), drawn with seed.
         seed: seed of the calibration draw (and of the random metric).
-        data: comma-separated evaluation sources (wikitext2, c4, text/jsonl paths), test split.
+        eval_data: comma-separated evaluation sources (wikitext2, c4, text/jsonl paths), test split.
         seq_len: tokens per calibration and evaluation block.
-        num_samples: evaluation blocks per source.
+        eval_samples: evaluation blocks per source.
         batch_size: blocks per forward pass.
         dtype: auto (bfloat16 on a CUDA device that supports it, else float32), float32, bfloat16 or float16.
         device: auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps.
         output_dir: run directory for model/, decisions.json and metrics.json (default: runs/<command>).
         overwrite: replace results already in output_dir.
         dry_run: plan, print the decision and write only decisions.json (no model, no evaluation).
+        push_to_hub: upload model/ (with its model card) to this Hub repo (needs HF_TOKEN or `hf auth login`).
     """
 
     model: str = "demo"
     calibration_data: str = "wikitext2"
     calibration_samples: int = 64
     seed: int = 0
-    data: str = "wikitext2"
+    eval_data: str = "wikitext2"
     seq_len: int = 128
-    num_samples: int = 64
+    eval_samples: int = 64
     batch_size: int = 8
     dtype: str = "auto"
     device: str = "auto"
     output_dir: str | None = None
     overwrite: bool = False
     dry_run: bool = False
+    push_to_hub: str | None = None
 
     def run(self, stage: Stage) -> dict:
         """Run ``stage`` with these options (output in ``runs/<stage name>`` unless given)."""
@@ -66,8 +70,8 @@ class StageRun:
             calibration_data=self.calibration_data,
             calibration_samples=self.calibration_samples,
             seed=self.seed,
-            eval_data=self.data,
-            eval_samples=self.num_samples,
+            eval_data=self.eval_data,
+            eval_samples=self.eval_samples,
             seq_len=self.seq_len,
             batch_size=self.batch_size,
             dtype=self.dtype,
@@ -75,6 +79,7 @@ class StageRun:
             output_dir=self.output_dir or f"runs/{stage.name}",
             overwrite=self.overwrite,
             dry_run=self.dry_run,
+            push_to_hub=self.push_to_hub,
         )
 
 
@@ -89,7 +94,10 @@ def _calibration(stage: Stage, tokenizer, source: str, *, seq_len: int, num_samp
             tokenizer, source, getattr(stage, "metric", ""), seq_len=seq_len, num_samples=num_samples, seed=seed
         )
         return blocks, scoring
-    return load_blocks(tokenizer, source, split="validation", seq_len=seq_len, num_samples=num_samples, seed=seed), None
+    blocks = load_blocks(
+        tokenizer, source, split="validation", seq_len=seq_len, num_samples=num_samples, seed=seed, option="calibration_samples"
+    )
+    return blocks, None
 
 
 def run_stage(
@@ -109,10 +117,14 @@ def run_stage(
     output_dir: str,
     overwrite: bool,
     dry_run: bool,
+    push_to_hub: str | None = None,
 ) -> dict:
     """Run one stage as a command; returns the ``metrics.json`` body plus the decision."""
     if dry_run and overwrite:
         raise InputError("--dry_run writes only decisions.json and keeps what is there; drop --overwrite")
+    if dry_run and push_to_hub:
+        raise InputError("--dry_run saves no model to upload; drop --push_to_hub")
+    check_push(push_to_hub)
     run = RunDirectory(output_dir, overwrite)
     run.check()
     config = load_config(model)
@@ -136,13 +148,21 @@ def run_stage(
     after = evaluation.evaluate(lm, batch_size=batch_size)
     settings = {
         **settings,
+        "output_dir": output_dir,
         "stage": {"name": stage.name, **asdict(stage)},
         "data_files": evaluation.files,
         "calibration_file": calibration_data if is_task(calibration_data) else data_location(calibration_data, "validation"),
     }
-    run.save_model(lm, tokenizer)
+    data = {"evaluation": f"{', '.join(sources)} (test split), {eval_samples} blocks of {seq_len} tokens"}
+    if stage.needs_calibration():
+        drawn = "items" if is_task(calibration_data) else f"blocks of {seq_len} tokens"
+        data["calibration"] = f"{calibration_data} (validation split), {calibration_samples} {drawn}, seed {seed}"
+    card = stage_card(stage, decision, model, {"before": before, "after": after}, data, settings)
+    run.save_model(lm, tokenizer, card=card, decisions=[decision])
     run.write_plan(plan, plan_tensors([decision]))
     run.write_config(settings)
     record = run_record(settings, before=before, after=after, stage_seconds=seconds, **decision.measurements())
     run.write_json("metrics.json", record)
-    return {**record, "decisions": plan}
+    if push_to_hub:
+        record["hub_commit"] = push_model(run.path / "model", push_to_hub)
+    return {**record, "summary": [decision.summary()], "decisions": plan}

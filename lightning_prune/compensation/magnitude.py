@@ -56,7 +56,9 @@ def magnitude_gain(model: nn.Module, blocks: torch.Tensor, position: int, option
     device = next(model.parameters()).device
     ratio_sum, tokens = torch.zeros((), dtype=torch.float64), 0
     with evaluating(model):
-        for batch in tqdm(batches_of(blocks, options.batch_size), desc="magnitude gain", disable=not options.progress, leave=False):
+        for batch in tqdm(
+            batches_of(blocks, options.batch_size), desc=options.bar("MagComp: magnitude gain"), disable=not options.progress, leave=False
+        ):
             with capture(model, [position]) as record:
                 model(input_ids=batch.to(device), use_cache=False)
             hidden_in, hidden_out = record.inputs[position][0].float(), record.outputs[position][0].float()

@@ -1,5 +1,10 @@
 """Text sources → fixed-length token blocks.
 
+A source is a bundled corpus (``wikitext2``, ``c4``), a text/jsonl file, or a Hub dataset
+``owner/name[:config][@split][#field]`` (:mod:`lightning_prune.data.hub`). The bundled C4
+file holds 1,000 documents: the first 500 are its validation split (calibration), the last
+500 its test split (evaluation), so calibration and evaluation text never overlap.
+
 Convention (shared by evaluation and calibration): take the split's text as it is in the
 file (jsonl: the ``text`` fields joined by blank lines), tokenize it once without special
 tokens, cut non-overlapping ``seq_len`` blocks from the start. Evaluation uses the first
@@ -14,15 +19,19 @@ from pathlib import Path
 
 import torch
 
+from lightning_prune.data.hub import parse_hub_spec, read_hub_text
 from lightning_prune.errors import InputError, MissingInputError
 
 __all__ = ["NAMED_CORPORA", "SPLITS", "corpus_file", "data_key", "iter_jsonl", "read_text", "tokenize_text", "token_blocks", "load_blocks"]
 
 SPLITS = ("test", "validation")
+_C4 = "c4/c4-train.00000-of-01024.first1000.jsonl"
 NAMED_CORPORA = {
     "wikitext2": {"test": "wikitext-2-raw/wiki.test.raw", "validation": "wikitext-2-raw/wiki.valid.raw"},
-    "c4": {"test": "c4/c4-train.00000-of-01024.first1000.jsonl", "validation": "c4/c4-train.00000-of-01024.first1000.jsonl"},
+    "c4": {"test": _C4, "validation": _C4},
 }
+# Documents (jsonl lines) of a bundled file that form a split, where two splits share a file.
+CORPUS_RECORDS = {("c4", "validation"): (0, 500), ("c4", "test"): (500, 1000)}
 _FILE_SUFFIXES = (".txt", ".raw", ".jsonl", ".json", ".md")
 
 
@@ -34,8 +43,12 @@ def corpus_file(name: str, split: str) -> Path:
 
 
 def data_key(source: str) -> str:
-    """The name results are reported under: the shortcut name, or a file's stem."""
-    return source if source in NAMED_CORPORA else Path(source).stem or source
+    """The name results are reported under: the shortcut name, a file's stem, or a Hub dataset's name."""
+    if source in NAMED_CORPORA:
+        return source
+    if not Path(source).expanduser().exists() and "/" in source and not source.startswith(("/", ".", "~")):
+        return source.partition(":")[0].partition("@")[0].partition("#")[0].rsplit("/", 1)[-1]
+    return Path(source).stem or source
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
@@ -53,35 +66,24 @@ def iter_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
             yield f"{path}:{number}", record
 
 
-def _read_jsonl(path: Path, field: str) -> str:
+def _read_jsonl(path: Path, field: str, records: tuple[int, int] | None = None) -> str:
+    """The ``field`` strings of a jsonl file (only documents ``records[0]:records[1]`` if given), joined by blank lines."""
     texts = []
-    for where, record in iter_jsonl(path):
+    for index, (where, record) in enumerate(iter_jsonl(path)):
+        if records is not None and not records[0] <= index < records[1]:
+            continue
         if field not in record:
             raise InputError(f"{where} has no {field!r} field; each line needs a {field!r} string")
         texts.append(str(record[field]))
     return "\n\n".join(texts)
 
 
-def _read_hf_dataset(name: str, split: str, field: str) -> str:
-    import datasets
-
-    hf_split = {"validation": "validation", "test": "test"}[split]
-    try:
-        dataset = datasets.load_dataset(name, split=hf_split)
-    except Exception as error:
-        raise InputError(
-            f"data {name!r} is neither a bundled corpus ({', '.join(NAMED_CORPORA)}), a file, nor a loadable dataset: {error}"
-        ) from error
-    if field not in dataset.column_names:
-        raise InputError(f"dataset {name!r} has no {field!r} column; columns: {', '.join(dataset.column_names)}")
-    return "\n\n".join(dataset[field])
-
-
 def local_data_file(source: str, split: str = "test") -> Path | None:
-    """The file behind a data source (``None`` for a Hugging Face dataset name).
+    """The file behind a data source (``None`` for a Hub dataset spec).
 
-    Raises at once for a path that does not exist, a directory or an empty file, so a command
-    can check its data before it loads any weights.
+    Raises at once for a path that does not exist, a directory, an empty file, or a name that
+    is none of these nor a well-formed Hub spec, so a command can check its data before it
+    loads any weights.
     """
     if source in NAMED_CORPORA:
         return corpus_file(source, split)
@@ -89,6 +91,7 @@ def local_data_file(source: str, split: str = "test") -> Path | None:
     if not path.exists():
         if source.startswith(("/", ".", "~")) or path.suffix in _FILE_SUFFIXES:
             raise MissingInputError(f"data file {source!r} does not exist; pass a text/jsonl file or one of {', '.join(NAMED_CORPORA)}")
+        parse_hub_spec(source, list(NAMED_CORPORA))
         return None
     if path.is_dir():
         raise InputError(f"data path {source!r} is a directory; pass a text or jsonl file")
@@ -101,8 +104,9 @@ def read_text(source: str, split: str = "test", *, text_field: str = "text") -> 
     """Read the raw text of a shortcut, a text/jsonl file, or a Hugging Face dataset name."""
     path = local_data_file(source, split)
     if path is None:
-        return _read_hf_dataset(source, split, text_field)
-    text = _read_jsonl(path, text_field) if path.suffix == ".jsonl" else path.read_text(encoding="utf-8")
+        return read_hub_text(parse_hub_spec(source, list(NAMED_CORPORA)), split)
+    records = CORPUS_RECORDS.get((source, split))
+    text = _read_jsonl(path, text_field, records) if path.suffix == ".jsonl" else path.read_text(encoding="utf-8")
     if not text.strip():
         raise InputError(f"data file {source!r} is empty; pass a file with text in it")
     return text
@@ -115,7 +119,13 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
 
 
 def token_blocks(
-    ids: torch.Tensor, seq_len: int, num_samples: int | None = None, *, seed: int | None = None, source: str = "data"
+    ids: torch.Tensor,
+    seq_len: int,
+    num_samples: int | None = None,
+    *,
+    seed: int | None = None,
+    source: str = "data",
+    option: str = "num_samples",
 ) -> torch.Tensor:
     """Cut ``ids`` into non-overlapping blocks, shape (num_samples, seq_len).
 
@@ -125,6 +135,7 @@ def token_blocks(
         num_samples: blocks to return (default: all).
         seed: ``None`` takes the first blocks; an int draws distinct blocks at random with it.
         source: name used in error messages.
+        option: the user's name for ``num_samples`` in error messages.
     """
     if seq_len <= 0:
         raise InputError(f"seq_len must be a positive number of tokens, got {seq_len}")
@@ -134,11 +145,11 @@ def token_blocks(
     if num_samples is None:
         num_samples = available
     if num_samples <= 0:
-        raise InputError(f"num_samples must be positive, got {num_samples}")
+        raise InputError(f"{option} must be positive, got {num_samples}")
     if num_samples > available:
         raise InputError(
-            f"num_samples={num_samples} is more than {source} yields: {available} blocks of {seq_len} tokens; "
-            f"use num_samples <= {available} or a shorter seq_len"
+            f"{option}={num_samples} is more than {source} yields: {available} blocks of {seq_len} tokens; "
+            f"use {option} <= {available} or a shorter seq_len"
         )
     blocks = ids[: available * seq_len].view(available, seq_len)
     if seed is None:
@@ -147,7 +158,16 @@ def token_blocks(
     return blocks[torch.randperm(available, generator=generator)[:num_samples]].clone()
 
 
-def load_blocks(tokenizer, source: str, *, split: str, seq_len: int, num_samples: int | None, seed: int | None = None) -> torch.Tensor:
+def load_blocks(
+    tokenizer,
+    source: str,
+    *,
+    split: str,
+    seq_len: int,
+    num_samples: int | None,
+    seed: int | None = None,
+    option: str = "num_samples",
+) -> torch.Tensor:
     """Read, tokenize and cut a data source in one call (see :func:`token_blocks`)."""
     ids = tokenize_text(tokenizer, read_text(source, split))
-    return token_blocks(ids, seq_len, num_samples, seed=seed, source=repr(source))
+    return token_blocks(ids, seq_len, num_samples, seed=seed, source=repr(source), option=option)

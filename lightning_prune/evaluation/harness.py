@@ -8,8 +8,13 @@ the bundled ``arc_easy``, ``piqa``, ``boolq``, or a user's own files in ``task_d
 stem = task name). For each task a YAML config is written to a temporary directory and found
 through ``TaskManager(include_path=...)``; datasets load with the ``json`` builder, with the
 Hub switched off, so nothing touches the network.
+
+Any other name lm-eval's own registry knows (``hellaswag``, ``mmlu``, …) runs as lm-eval
+defines it, with its own metrics; its dataset comes from the Hub or, offline, from the local
+``datasets`` cache. Bundled and ``task_dir`` names take precedence over registry names.
 """
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -17,8 +22,10 @@ from pathlib import Path
 import yaml
 from torch import nn
 
+from lightning_prune.data.hub import closest_name
 from lightning_prune.data.tasks import TASK_NAMES, load_task, task_file
 from lightning_prune.errors import InputError, MissingInputError
+from lightning_prune.extras import require
 
 __all__ = ["PROMPT_FORMAT", "resolve_tasks", "check_task_options", "task_config", "evaluate_tasks"]
 
@@ -32,25 +39,41 @@ PROMPT_FORMAT = {
 METRICS = ("acc", "acc_norm")
 
 
-def resolve_tasks(names: list[str], task_dir: str | None = None) -> dict[str, Path]:
-    """Task name -> jsonl file: ``task_dir/<name>.jsonl`` if given, else a bundled task.
+@functools.cache
+def registry_tasks() -> frozenset[str]:
+    """Names of the tasks in lm-eval's own registry (indexing it takes a few seconds)."""
+    from lm_eval.tasks import TaskManager
 
-    Every file is read once here, so a missing field fails before any model work.
+    return frozenset(TaskManager().all_tasks)
+
+
+def resolve_tasks(names: list[str], task_dir: str | None = None) -> dict[str, Path | None]:
+    """Task name -> jsonl file (``task_dir/<name>.jsonl`` if given, else a bundled task), or ``None`` for an lm-eval registry task.
+
+    Every file is read once here, so a missing field fails before any model work; names that
+    are neither local nor in lm-eval's registry are refused.
     """
     if not names:
         raise InputError("--tasks names no task; pass e.g. arc_easy,piqa")
+    require("lm_eval", "--tasks (lm-eval accuracy)")
     directory = Path(task_dir).expanduser() if task_dir else None
     if directory is not None and not directory.is_dir():
         raise MissingInputError(f"--task_dir {task_dir!r} is not a directory of <task>.jsonl files")
-    files = {}
+    files, registry = {}, None
     for name in names:
         if directory is not None and (directory / f"{name}.jsonl").is_file():
             files[name] = (directory / f"{name}.jsonl").resolve()
         elif name in TASK_NAMES:
             files[name] = task_file(name).resolve()
         else:
-            where = f"{task_dir}/{name}.jsonl" if directory else "a --task_dir holding it"
-            raise InputError(f"task {name!r} is not bundled ({', '.join(TASK_NAMES)}) and there is no {where}")
+            registry = registry_tasks() if registry is None else registry
+            if name not in registry:
+                where = f"no {task_dir}/{name}.jsonl" if directory else "no --task_dir holding it"
+                raise InputError(
+                    f"task {name!r} is not bundled ({', '.join(TASK_NAMES)}), not in lm-eval's registry{closest_name(name, sorted(registry))}, and there is {where}"
+                )
+            files[name] = None
+            continue
         load_task(str(files[name]))
     return files
 
@@ -111,7 +134,9 @@ def evaluate_tasks(
     """
     check_task_options(limit, num_fewshot)
     files = resolve_tasks(tasks, task_dir)
-    _offline()
+    local = {name: path for name, path in files.items() if path is not None}
+    if len(local) == len(files):
+        _offline()
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -119,11 +144,12 @@ def evaluate_tasks(
     was_training = model.training
     model.eval()
     with tempfile.TemporaryDirectory(prefix="lightning-prune-tasks-") as directory:
-        for name, path in files.items():
+        for name, path in local.items():
             Path(directory, f"{name}.yaml").write_text(yaml.safe_dump(task_config(name, path)), encoding="utf-8")
-        manager = TaskManager(include_path=directory, include_defaults=False)
+        manager = TaskManager(include_path=directory, include_defaults=len(local) < len(files))
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        output = lm_eval.simple_evaluate(
+        output = _run_harness(
+            lm_eval,
             model=lm,
             tasks=list(files),
             task_manager=manager,
@@ -143,14 +169,29 @@ def evaluate_tasks(
     }
 
 
+def _run_harness(lm_eval, **options) -> dict:
+    """``lm_eval.simple_evaluate``; a registry task whose dataset cannot be fetched is one line."""
+    try:
+        return lm_eval.simple_evaluate(**options)
+    except (ConnectionError, OSError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(
+            f"lm-eval could not load the data of --tasks {','.join(options['tasks'])}: {first}; "
+            "registry tasks need the Hub or their dataset in the local datasets cache"
+        ) from error
+
+
 def _task_scores(output: dict, name: str) -> dict:
     values = output["results"][name]
     scores = {}
     for metric in METRICS:
+        if f"{metric},none" not in values:
+            continue
         scores[metric] = float(values[f"{metric},none"])
         stderr = values.get(f"{metric}_stderr,none")
         scores[f"{metric}_stderr"] = float(stderr) if isinstance(stderr, (int, float)) else None
-    scores["num_items"] = int(output["n-samples"][name]["effective"])
+    samples = output.get("n-samples", {}).get(name)
+    scores["num_items"] = int(samples["effective"]) if samples else None
     return scores
 
 
@@ -159,7 +200,7 @@ def _settings(files: dict[str, Path], limit: int | None, num_fewshot: int, batch
 
     return {
         "harness": f"lm_eval {metadata.version('lm_eval')}",
-        "task_files": {name: str(path) for name, path in files.items()},
+        "task_files": {name: str(path) if path else f"lm-eval registry task {name}" for name, path in files.items()},
         "prompt_format": PROMPT_FORMAT,
         "metrics": {
             "acc": "arg-max of summed choice log-likelihood",

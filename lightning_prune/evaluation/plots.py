@@ -3,18 +3,24 @@
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+__all__ = ["pyplot", "score_bars", "relevance_heatmap"]
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["score_bars", "relevance_heatmap"]
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, imported on first use (keeps start-up fast)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def score_bars(scores: Sequence[float | None], path: str | Path, *, title: str, ylabel: str, highlight: Sequence[int] = ()) -> Path:
     """Bar plot of one score per layer (``None`` bars are left empty); ``highlight`` bars in red."""
     values = [float("nan") if v is None else v for v in scores]
     colors = ["tab:red" if i in set(highlight) else "tab:blue" for i in range(len(values))]
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(max(6, 0.3 * len(values)), 3.5))
     axis.bar(range(len(values)), values, color=colors)
     axis.set_xlabel("layer")
@@ -30,6 +36,7 @@ def score_bars(scores: Sequence[float | None], path: str | Path, *, title: str, 
 
 def relevance_heatmap(panels: dict[str, dict[str, Sequence[float | None]]], path: str | Path, *, title: str) -> Path:
     """One heatmap panel per metric: rows are layers, columns the tasks (``panels[metric][task]``)."""
+    plt = pyplot()
     figure, axes = plt.subplots(
         1, len(panels), figsize=(3 + 2.2 * len(panels) * max(len(p) for p in panels.values()) / 3, 7), squeeze=False
     )

@@ -9,7 +9,7 @@ share; ``evaluate(model, tokenizer)`` returns one ``metrics.json`` entry.
 from dataclasses import asdict, dataclass
 
 from lightning_prune.data.tasks import is_task
-from lightning_prune.data.text import NAMED_CORPORA, corpus_file, data_key, load_blocks, local_data_file
+from lightning_prune.data.text import CORPUS_RECORDS, NAMED_CORPORA, corpus_file, data_key, load_blocks, local_data_file
 from lightning_prune.errors import InputError
 from lightning_prune.evaluation.perplexity import perplexity
 from lightning_prune.results import model_summary
@@ -24,19 +24,34 @@ def split_names(value: str | list[str] | tuple[str, ...]) -> list[str]:
 
 
 def data_location(source: str, split: str) -> str:
-    """What to record as the data file: the bundled file for a shortcut, else the name given."""
-    return str(corpus_file(source, split).relative_to(corpus_file(source, split).parents[1])) if source in NAMED_CORPORA else source
+    """What to record as the data file: the bundled file (with its document range) for a shortcut, else the name given."""
+    if source not in NAMED_CORPORA:
+        return source
+    path = corpus_file(source, split)
+    records = CORPUS_RECORDS.get((source, split))
+    return str(path.relative_to(path.parents[1])) + (f" [documents {records[0]}:{records[1]}]" if records else "")
 
 
 class EvaluationData:
     """Evaluation blocks for one or more sources, tokenized once and reused before/after a change."""
 
-    def __init__(self, tokenizer, sources: list[str], *, seq_len: int, num_samples: int, split: str = "test"):
+    def __init__(
+        self,
+        tokenizer,
+        sources: list[str],
+        *,
+        seq_len: int,
+        num_samples: int,
+        split: str = "test",
+        options: tuple[str, str] = ("eval_data", "eval_samples"),
+    ):
+        data_option, samples_option = options
         if not sources:
-            raise InputError("--data names no data; pass wikitext2, c4 or a text/jsonl file")
+            raise InputError(f"{data_option} names no data; pass wikitext2, c4 or a text/jsonl file")
         self.split = split
         self.blocks = {
-            data_key(source): load_blocks(tokenizer, source, split=split, seq_len=seq_len, num_samples=num_samples) for source in sources
+            data_key(source): load_blocks(tokenizer, source, split=split, seq_len=seq_len, num_samples=num_samples, option=samples_option)
+            for source in sources
         }
         self.files = {data_key(source): data_location(source, split) for source in sources}
 
@@ -100,7 +115,13 @@ class EvaluationSuite:
     def evaluate(self, model, tokenizer, *, progress: bool = True) -> dict:
         """Perplexity per source (and task accuracy) of ``model``, plus its layer and parameter counts."""
         if self._data is None:
-            self._data = EvaluationData(tokenizer, split_names(self.data), seq_len=self.seq_len, num_samples=self.num_samples)
+            self._data = EvaluationData(
+                tokenizer,
+                split_names(self.data),
+                seq_len=self.seq_len,
+                num_samples=self.num_samples,
+                options=("evaluation.data", "evaluation.num_samples"),
+            )
         values = self._data.evaluate(model, batch_size=self.batch_size, progress=progress)
         tasks = split_names(self.tasks or "")
         if tasks:

@@ -48,6 +48,7 @@ class ScoringOptions:
         prefix_reuse: removal-based metrics run the unchanged prefix once (False: naive).
         reduce: sums a float tensor over ranks (DDP); identity in one process.
         progress: show progress bars.
+        label: where in a longer run these bars are (e.g. ``removal 3/7``), shown before their own words.
     """
 
     batch_size: int = 8
@@ -57,6 +58,11 @@ class ScoringOptions:
     prefix_reuse: bool = True
     reduce: Callable[[torch.Tensor], torch.Tensor] = identity_reduce
     progress: bool = True
+    label: str = ""
+
+    def bar(self, what: str) -> str:
+        """A progress bar description: ``label · what``."""
+        return f"{self.label} · {what}" if self.label else what
 
     def positions(self, num_layers: int) -> list[int]:
         """Candidate positions, sorted (all layers when unset)."""
@@ -150,7 +156,7 @@ def removal_outputs(
     anatomy = Anatomy(model)
     candidates = options.positions(anatomy.num_layers)
     device = next(model.parameters()).device
-    for b, batch in enumerate(tqdm(batches, desc=desc, disable=not options.progress, leave=False)):
+    for b, batch in enumerate(tqdm(batches, desc=options.bar(desc), disable=not options.progress, leave=False)):
         if not options.prefix_reuse:
             for j in candidates:
                 with without_layers(model, [j]):

@@ -32,7 +32,7 @@ def span_cosine_sums(model: nn.Module, batches, span: int, options: ScoringOptio
     tokens = 0
     device = next(model.parameters()).device
     with evaluating(model):
-        for batch in tqdm(batches, desc="cosine", disable=not options.progress, leave=False):
+        for batch in tqdm(batches, desc=options.bar("block influence: cosine per layer"), disable=not options.progress, leave=False):
             with capture(model, outputs=True) as record:
                 model(input_ids=batch.to(device), use_cache=False)
             for s in range(num_layers - span + 1):

@@ -45,7 +45,9 @@ def gradient(model: nn.Module, data, options: ScoringOptions) -> torch.Tensor:
     with evaluating(model), trainable_layers(model) as groups:
         flat = [p for group in groups for p in group]
         sizes = [len(group) for group in groups]
-        for batch in tqdm(batches_of(blocks, options.batch_size), desc="gradient", disable=not options.progress, leave=False):
+        for batch in tqdm(
+            batches_of(blocks, options.batch_size), desc=options.bar("gradient scores"), disable=not options.progress, leave=False
+        ):
             for block in batch.to(device):
                 per_layer = block_gradient_norms(model, block, flat, sizes)
                 totals = per_layer if totals is None else totals + per_layer

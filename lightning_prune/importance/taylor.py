@@ -38,7 +38,9 @@ def taylor(model: nn.Module, data, options: ScoringOptions) -> torch.Tensor:
         for w in flat:
             w.requires_grad_(True)
         with evaluating(model):
-            for batch in tqdm(batches_of(blocks, options.batch_size), desc="taylor", disable=not options.progress, leave=False):
+            for batch in tqdm(
+                batches_of(blocks, options.batch_size), desc=options.bar("taylor scores"), disable=not options.progress, leave=False
+            ):
                 loss, count = token_loss_sum(model, batch.to(device))
                 for total, grad in zip(sums, torch.autograd.grad(loss, flat)):
                     total += grad.float()

@@ -7,13 +7,16 @@ directory, a ``.gguf`` file, or a Hugging Face Hub id. All go through the same
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from lightning_prune.errors import InputError, MissingInputError
 from lightning_prune.model.anatomy import family_spec
 from lightning_prune.model.demo import demo_gguf_path
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "DTYPES",
@@ -22,6 +25,7 @@ __all__ = [
     "resolve_dtype",
     "resolve_model_source",
     "load_config",
+    "sparse_export",
     "load_model",
     "load_tokenizer",
 ]
@@ -103,8 +107,17 @@ def _as_plain_model(model) -> None:
         del model.config.quantization_config
 
 
+def sparse_export(config) -> bool:
+    """Whether a config describes a compressed-tensors sparse bitmask export (``sparsify --export_format compressed``)."""
+    quantization = getattr(config, "quantization_config", None)
+    quantization = quantization if isinstance(quantization, dict) else getattr(quantization, "to_dict", dict)()
+    return str((quantization.get("sparsity_config") or {}).get("format", "")).startswith("sparse-")
+
+
 def load_config(name: str, *, trust_remote_code: bool = False):
     """Load and check the config of a model: the family must be supported."""
+    from transformers import AutoConfig
+
     source = resolve_model_source(name)
     try:
         config = AutoConfig.from_pretrained(source.name_or_path, trust_remote_code=trust_remote_code, **source.kwargs())
@@ -115,13 +128,35 @@ def load_config(name: str, *, trust_remote_code: bool = False):
     return config
 
 
-def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> "PreTrainedTokenizerBase":
     """Load the tokenizer of a model; a missing pad token is set to the EOS token."""
+    from transformers import AutoTokenizer
+
     source = resolve_model_source(name)
     tokenizer = AutoTokenizer.from_pretrained(source.name_or_path, trust_remote_code=trust_remote_code, **source.kwargs())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _from_pretrained(source: "ModelSource", config, dtype: torch.dtype, trust_remote_code: bool, quantization_config):
+    """``AutoModelForCausalLM.from_pretrained``, without the per-tensor GGUF de-quantisation bar."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    if source.gguf_file:
+        hf_logging.disable_progress_bar()
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            source.name_or_path,
+            config=config,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            quantization_config=quantization_config,
+            **source.kwargs(),
+        )
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def load_model(
@@ -145,14 +180,14 @@ def load_model(
         raise InputError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     config = load_config(name, trust_remote_code=trust_remote_code)
     source = resolve_model_source(name)
-    model = AutoModelForCausalLM.from_pretrained(
-        source.name_or_path,
-        config=config,
-        dtype=DTYPES[dtype],
-        trust_remote_code=trust_remote_code,
-        quantization_config=quantization_config,
-        **source.kwargs(),
-    )
+    if sparse_export(config):  # transformers 5 would leave the compressed projections uninitialised
+        if not Path(source.name_or_path).is_dir():
+            raise InputError(f"{name!r} is a compressed-tensors sparse export; download it first (hf download {name} --local-dir DIR)")
+        from lightning_prune.sparsity.compressed import load_compressed
+
+        model = load_compressed(source.name_or_path, DTYPES[dtype])
+    else:
+        model = _from_pretrained(source, config, DTYPES[dtype], trust_remote_code, quantization_config)
     if source.gguf_file:
         _as_plain_model(model)
     if quantization_config is None:

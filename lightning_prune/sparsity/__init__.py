@@ -5,6 +5,7 @@
 - :mod:`.allocation`: uniform / OWL / DLP per-layer sparsity (003 Eq. 5-6, Algorithm 1).
 - :mod:`.nm`: N:M patterns and DLP's mixed N:M; :mod:`.masks`: exact-count masks, apply/measure.
 - :mod:`.sequential`: the layer-by-layer calibration loop, :func:`sparsify`.
+- :mod:`.compressed`: the compressed-tensors export (sparse bitmask formats) and its loader.
 """
 
 from lightning_prune.sparsity.allocation import (

@@ -12,7 +12,8 @@ A :class:`Decision` is data that knows how to act without calibration data:
   masks) serialise it to ``decisions.json`` / ``decisions.safetensors`` and ``checkpoint["decisions"]``;
 - ``trainable(model)`` names the parameters a following distillation trains (merged layers);
 - ``constrain(model)`` keeps a training step inside the decision (sparsity re-masks trainable weights);
-- ``on_export(model)`` fixes up an exported model (sparsity re-applies its masks after a LoRA merge).
+- ``on_export(model)`` fixes up an exported model (sparsity re-applies its masks after a LoRA merge);
+- ``on_save(model, directory)`` rewrites the saved files (sparsity's compressed-tensors export).
 """
 
 from abc import ABC, abstractmethod
@@ -67,6 +68,9 @@ class Decision(ABC):
 
     def on_export(self, model: nn.Module) -> None:
         """Fix up a model exported for saving (default: nothing)."""
+
+    def on_save(self, model: nn.Module, directory) -> None:
+        """Rewrite the files ``save_pretrained`` just wrote into ``directory`` (default: nothing)."""
 
     def measurements(self) -> dict:
         """Values measured while deciding, for ``metrics.json`` (default: none)."""

@@ -21,6 +21,7 @@ from torch import nn
 from lightning_prune.errors import InputError
 from lightning_prune.sparsity import check_magnitude_scope, check_mask_rule
 from lightning_prune.sparsity.allocation import check_allocation
+from lightning_prune.sparsity.compressed import check_export_format, save_compressed
 from lightning_prune.sparsity.masks import apply_masks, measure_sparsity, prunable_linears
 from lightning_prune.sparsity.nm import check_mixed, check_widths, parse_pattern, resolve_sparsity
 from lightning_prune.sparsity.packing import PackedMasks, mask_checksum, unpack_mask
@@ -47,6 +48,8 @@ class SparsifyStage(Stage):
             (matrix reproduces paper 003's Magnitude baseline).
         dlp_statistic: DLP's per-layer statistic: median (paper 003 Eq. 5) or mean (the authors' code).
         owl_m: OWL's outlier threshold multiplier M.
+        export_format: how model/ stores the weights: dense (zeros in place) or compressed
+            (compressed-tensors sparse-bitmask, sparse-24-bitmask for 2:4; needs lightning-prune[compressed]).
     """
 
     method: str = "wanda"
@@ -59,6 +62,7 @@ class SparsifyStage(Stage):
     magnitude_scope: str = "row"
     dlp_statistic: str = "median"
     owl_m: float = 5.0
+    export_format: str = "dense"
 
     name = "sparsify"
     shards_calibration = True
@@ -78,6 +82,7 @@ class SparsifyStage(Stage):
     def check(self, config):
         if self.batch_size < 1:
             raise InputError(f"sparsify: batch_size {self.batch_size} must be >= 1")
+        check_export_format(self.export_format)
         pattern, _, _ = self.resolved()
         if pattern:
             check_widths(config, pattern)
@@ -171,6 +176,12 @@ class SparsityDecision(Decision):
 
     def on_export(self, model: nn.Module) -> None:
         apply_masks(model, self.masks)
+
+    def on_save(self, model: nn.Module, directory) -> None:
+        settings = self.record["settings"]
+        if settings.get("export_format", "dense") == "compressed":
+            uniform_24 = settings.get("structure") == "2:4" and settings.get("allocation") == "uniform"
+            save_compressed(model, directory, "2:4" if uniform_24 else None)
 
     def measurements(self) -> dict:
         return {"measured_sparsity": self.record["measured"]}
