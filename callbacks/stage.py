@@ -33,7 +33,8 @@ from lightning_prune.errors import InputError
 from lightning_prune.evaluation.suite import EvaluationSuite
 from lightning_prune.hub import check_push, push_model
 from lightning_prune.model_card import recipe_card
-from lightning_prune.results import RunDirectory, model_summary, package_versions
+from lightning_prune.modules.slim import slim_record
+from lightning_prune.results import DEFAULT_SHARD_SIZE, RunDirectory, model_summary, package_versions, shard_size_bytes
 from lightning_prune.sparsity.masks import unwrap_model
 from lightning_prune.stages import Decision, Stage
 from lightning_prune.stages.plan import (
@@ -75,6 +76,8 @@ class StageCallback(L.Callback):
         source: the model source to record in the plan (default: the module's ``hparams.model``).
         push_to_hub: upload the saved ``model/`` (with its card) to this Hub repo; credentials are
             checked here, before any work.
+        max_shard_size: largest safetensors file of the saved model (``5GB``; bytes or ``500MB``,
+            ``2GiB``...); a larger model is saved as several shards plus an index.
     """
 
     def __init__(
@@ -87,11 +90,13 @@ class StageCallback(L.Callback):
         save_model: bool = True,
         source: str | None = None,
         push_to_hub: str | None = None,
+        max_shard_size: str = DEFAULT_SHARD_SIZE,
     ):
         if push_to_hub and (dry_run or not save_model):
             raise InputError("push_to_hub uploads the saved model; it needs save_model true and dry_run false")
         check_push(push_to_hub)
-        self.push_to_hub = push_to_hub
+        shard_size_bytes(max_shard_size)  # a bad size fails here, before any weight loads
+        self.push_to_hub, self.max_shard_size = push_to_hub, max_shard_size
         self.stages, self.evaluation, self.run_dir = list(stages), evaluation, run_dir
         self.resume_from, self.dry_run, self.save_model, self.source = resume_from, dry_run, save_model, source
         self.decisions: list[Decision] | None = None
@@ -105,14 +110,15 @@ class StageCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.decisions is not None:
             return
-        pl_module.configure_model()
+        path = resolve_checkpoint(trainer, self.resume_from)
+        checkpoint = read_checkpoint(path) if path is not None else None
+        self._load_base(pl_module, checkpoint, path)
         model = pl_module.model
         self.source = self.source or getattr(pl_module.hparams, "model", None)
         self.fingerprint = fingerprint(model.config)
         check_stages(self.stages, model.config)
-        checkpoint = resolve_checkpoint(trainer, self.resume_from)
         if checkpoint is not None:
-            self.decisions = self._restore(checkpoint, model)
+            self.decisions = self._restore(checkpoint, path, model)
         elif stage == "fit":
             self.decisions = self._plan(trainer, pl_module)
         else:
@@ -120,8 +126,22 @@ class StageCallback(L.Callback):
         if callable(getattr(pl_module, "receive_decisions", None)):
             pl_module.receive_decisions(self.decisions)
 
-    def _restore(self, path, model: torch.nn.Module) -> list[Decision]:
-        checkpoint = read_checkpoint(path)
+    @staticmethod
+    def _load_base(pl_module: L.LightningModule, checkpoint: dict | None, path) -> None:
+        """``configure_model``; when resuming a slim checkpoint, a base that cannot load names the model it needs."""
+        slim = slim_record(checkpoint) if checkpoint is not None else None
+        try:
+            pl_module.configure_model()
+        except InputError as error:
+            if slim is None:
+                raise
+            raise InputError(
+                f"checkpoint {str(path)!r} holds only the trained parameters; its frozen base "
+                f"({len(slim['dropped'])} tensors) is rebuilt from model {slim['source']!r}, which could not be loaded "
+                f"({error}); make that model available or pass its new location as the model"
+            ) from error
+
+    def _restore(self, checkpoint: dict, path, model: torch.nn.Module) -> list[Decision]:
         decisions = checkpoint_decisions(checkpoint, where=f"checkpoint {str(path)!r}")
         if decisions is None:
             raise InputError(f"checkpoint {str(path)!r} holds no stage decisions; it was not written by a lightning-prune recipe")
@@ -247,7 +267,13 @@ class StageCallback(L.Callback):
         self._measure(trainer, model, _tokenizer(pl_module), "after training")
         if self.save_model and trainer.is_global_zero:
             run = self.run(trainer)
-            run.save_model(model, _tokenizer(pl_module), card=self._card(trainer, model), decisions=self.decisions or [])
+            run.save_model(
+                model,
+                _tokenizer(pl_module),
+                card=self._card(trainer, model),
+                decisions=self.decisions or [],
+                max_shard_size=self.max_shard_size,
+            )
             if unwrap_model(pl_module.model) is not pl_module.model:
                 run.save_model(pl_module.model, name="adapter")
             if self.push_to_hub:

@@ -11,7 +11,8 @@ sections that every flag can reach:
   own section (``prune:``, ``merge:``, ``sparsify:``; e.g. ``--prune.num_layers 3``);
 - ``evaluation``: what ``metrics.json`` measures (``--evaluate false`` turns it off);
 - ``dry_run``: plan, write ``decisions.json``, print the plan, stop before training;
-- ``push_to_hub``: upload ``model/`` (with its model card) to a Hub repo at the end.
+- ``push_to_hub``: upload ``model/`` (with its model card) to a Hub repo at the end;
+- ``max_shard_size``: largest safetensors file of the saved ``model/`` (default 5GB).
 
 ``model.init_args.model`` is linked to ``data.init_args.tokenizer``: changing the model changes
 the tokenizer. ``--ckpt_path`` (``fit``, ``validate``, ``test``) is handed to the
@@ -38,7 +39,7 @@ from lightning_prune.evaluation.suite import EvaluationSuite
 from lightning_prune.extras import missing_extra, missing_extra_in
 from lightning_prune.model.loading import load_config
 from lightning_prune.progress import StepBudgetProgressBar
-from lightning_prune.results import RunDirectory
+from lightning_prune.results import DEFAULT_SHARD_SIZE, RunDirectory
 from lightning_prune.stages import STAGES
 from lightning_prune.stages.plan import check_stages
 from lightning_prune.validation.recipe import check_checkpoint_file, check_recipe
@@ -154,6 +155,9 @@ class PruneCLI(LightningCLI):
         parser.add_argument("--evaluate", type=bool, default=True, help="Measure dense, after each stage and after training.")
         parser.add_argument("--dry_run", type=bool, default=False, help="Plan, write decisions.json, print the plan, stop.")
         parser.add_argument("--push_to_hub", type=str | None, default=None, help="Upload model/ (with its card) to this Hub repo.")
+        parser.add_argument(
+            "--max_shard_size", type=str, default=DEFAULT_SHARD_SIZE, help="Largest safetensors shard of model/ (500MB, 5GB, 2GiB, bytes)."
+        )
         parser.link_arguments("model.init_args.model", "data.init_args.tokenizer")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
@@ -184,6 +188,7 @@ class PruneCLI(LightningCLI):
             dry_run=config["dry_run"],
             source=model_source,
             push_to_hub=config["push_to_hub"],
+            max_shard_size=config["max_shard_size"],
         )
         trainer = config["trainer"]
         callbacks = list(trainer.get("callbacks") or [])

@@ -7,6 +7,7 @@ interrupted run never leaves a half-written file or model behind.
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 from importlib import metadata
@@ -17,9 +18,20 @@ from torch import nn
 
 from lightning_prune.errors import InputError
 
-__all__ = ["RESULT_NAMES", "RunDirectory", "package_versions", "count_parameters", "weight_bytes", "model_summary"]
+__all__ = [
+    "RESULT_NAMES",
+    "DEFAULT_SHARD_SIZE",
+    "RunDirectory",
+    "package_versions",
+    "count_parameters",
+    "weight_bytes",
+    "model_summary",
+    "shard_size_bytes",
+]
 
 RESULT_NAMES = ("config.yaml", "metrics.json", "decisions.json", "model")
+DEFAULT_SHARD_SIZE = "5GB"
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 FILE_MODE, DIRECTORY_MODE = 0o644, 0o755
 _PACKAGES = ("lightning-prune", "torch", "transformers", "lightning", "torchmetrics", "peft", "bitsandbytes", "lm_eval")
 
@@ -48,6 +60,15 @@ def weight_bytes(model: nn.Module) -> int:
 def model_summary(model: nn.Module) -> dict:
     """Layer, parameter and weight-byte counts of a model, as stored in ``metrics.json``."""
     return {"num_layers": model.config.num_hidden_layers, "num_parameters": count_parameters(model), "num_bytes": weight_bytes(model)}
+
+
+def shard_size_bytes(size: int | str) -> int:
+    """``max_shard_size`` in bytes: a positive integer, or a number with a unit (``500MB``, ``5GB``, ``2GiB``)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
+    unit = match.group(2).upper() if match else None
+    if unit not in _SIZE_UNITS or float(match.group(1)) * _SIZE_UNITS[unit] < 1:
+        raise InputError(f"max_shard_size {size!r} is not a size; give bytes or a number with a unit such as 500MB, 5GB or 2GiB")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
 def _readable(directory: Path) -> None:
@@ -103,17 +124,28 @@ class RunDirectory:
         """Write the settings of the run as ``config.yaml``."""
         return self.write_text("config.yaml", yaml.safe_dump(config, sort_keys=False))
 
-    def save_model(self, model: nn.Module, tokenizer=None, name: str = "model", card: str | None = None, decisions=()) -> Path:
-        """``save_pretrained`` (safetensors) into a temporary directory, then rename it to ``name``.
+    def save_model(
+        self,
+        model: nn.Module,
+        tokenizer=None,
+        name: str = "model",
+        card: str | None = None,
+        decisions=(),
+        max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+    ) -> Path:
+        """``save_pretrained`` (safetensors, shards of at most ``max_shard_size``) into a temporary directory, then rename it to ``name``.
 
+        A model larger than one shard is written as ``model-0000k-of-0000n.safetensors`` plus
+        ``model.safetensors.index.json``, one shard file at a time; ``from_pretrained`` reads either.
         Inside the staged directory, each decision's ``on_save(model, directory)`` may rewrite the
         files (e.g. a compressed export) and ``card`` becomes ``README.md``, so the model and its
         card appear together or not at all.
         """
+        shard_bytes = shard_size_bytes(max_shard_size)
         self.path.mkdir(parents=True, exist_ok=True)
         temporary = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.path))
         try:
-            model.save_pretrained(temporary, safe_serialization=True)
+            model.save_pretrained(temporary, safe_serialization=True, max_shard_size=shard_bytes)
             if tokenizer is not None:
                 tokenizer.save_pretrained(temporary)
             for decision in decisions:

@@ -21,14 +21,14 @@ HERE = Path(__file__).resolve()
 STEPS = 3
 
 
-def train(model_dir: str, devices: int, output: str, evaluate: bool = False) -> None:
+def train(model_dir: str, devices: int, output: str, evaluate: bool = False, sparsify: bool = False) -> None:
     import lightning as L
 
     from lightning_prune.callbacks import StageCallback
     from lightning_prune.data.datamodule import TextDataModule
     from lightning_prune.evaluation.suite import EvaluationSuite
     from lightning_prune.modules.healing import HealingModule
-    from lightning_prune.stages import PruneStage
+    from lightning_prune.stages import PruneStage, SparsifyStage
 
     class Record(L.Callback):
         losses: list[float] = []
@@ -39,8 +39,14 @@ def train(model_dir: str, devices: int, output: str, evaluate: bool = False) -> 
     torch.set_num_threads(1)
     L.seed_everything(0)
     evaluation = EvaluationSuite(data="wikitext2", seq_len=32, num_samples=2) if evaluate else None
+    # one calibration block per batch: each block's activations are computed alike on 1 and 2 ranks
+    stage = (
+        SparsifyStage(method="sparsegpt", allocation="dlp", sparsity=0.5, batch_size=1)
+        if sparsify
+        else PruneStage(metric="block_influence", selection="iterative", num_layers=2, compensation="magnitude")
+    )
     stages = StageCallback(
-        [PruneStage(metric="block_influence", selection="iterative", num_layers=2, compensation="magnitude")],
+        [stage],
         evaluation=evaluation,
         run_dir=str(Path(output) / "run"),
     )
@@ -63,7 +69,8 @@ def train(model_dir: str, devices: int, output: str, evaluate: bool = False) -> 
     trainer.fit(module, datamodule=data)
     torch.save(
         {
-            "removed": stages.decisions[0].removed_layers,
+            "removed": getattr(stages.decisions[0], "removed_layers", None),
+            "masks": dict(stages.decisions[0].masks) if sparsify else None,
             "losses": Record.losses,
             "state": {k: v.detach().clone() for k, v in module.model.state_dict().items()},
         },
@@ -71,10 +78,10 @@ def train(model_dir: str, devices: int, output: str, evaluate: bool = False) -> 
     )
 
 
-def run(model_dir: Path, devices: int, output: Path, evaluate: bool = False, timeout: int = 300) -> list[dict]:
+def run(model_dir: Path, devices: int, output: Path, evaluate: bool = False, timeout: int = 300, mode: str = "plain") -> list[dict]:
     output.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(HERE), str(model_dir), str(devices), str(output), "eval" if evaluate else "plain"]
+    command = [sys.executable, str(HERE), str(model_dir), str(devices), str(output), "eval" if evaluate else mode]
     # its own process group, so a timeout also ends the rank Lightning's launcher started
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
@@ -122,5 +129,17 @@ def test_ddp_with_evaluation_finishes_and_measures_every_stage(tiny_dir, tmp_pat
     assert metrics["after training"]["perplexity"] != metrics["after prune"]["perplexity"]  # measured after healing
 
 
+def test_ddp_sparsity_calibrates_on_shards_and_masks_like_one_process(tiny_dir, tmp_path):
+    """Each rank calibrates SparseGPT + DLP on half the blocks; the all-reduced statistics give one process's masks."""
+    (single,) = run(tiny_dir, 1, tmp_path / "one", mode="sparsify")
+    ranks = run(tiny_dir, 2, tmp_path / "two", mode="sparsify")
+    assert single["masks"] and ranks[0]["masks"].keys() == single["masks"].keys()
+    for name, mask in single["masks"].items():
+        assert torch.equal(ranks[0]["masks"][name], mask) and torch.equal(ranks[1]["masks"][name], mask), name
+    plan = json.loads((tmp_path / "two" / "run" / "decisions.json").read_text())["decisions"][0]
+    assert plan["layer_sparsity"] == json.loads((tmp_path / "one" / "run" / "decisions.json").read_text())["decisions"][0]["layer_sparsity"]
+
+
 if __name__ == "__main__":
-    train(sys.argv[1], int(sys.argv[2]), sys.argv[3], evaluate=len(sys.argv) > 4 and sys.argv[4] == "eval")
+    mode = sys.argv[4] if len(sys.argv) > 4 else "plain"
+    train(sys.argv[1], int(sys.argv[2]), sys.argv[3], evaluate=mode == "eval", sparsify=mode == "sparsify")

@@ -13,6 +13,7 @@ from lightning_prune.data.datamodule import TextDataModule
 from lightning_prune.errors import InputError
 from lightning_prune.lora import PAPER_TARGETS, linear_module_names, merged_copy
 from lightning_prune.modules.healing import HealingModule
+from lightning_prune.modules.slim import SLIM_KEY
 
 # tiny llama: 6 layers, hidden 64, intermediate 128; r x (in + out) per adapted projection
 ADAPTER_PARAMETERS = 6 * 2 * ((64 + 128) + (64 + 128) + (128 + 64))
@@ -33,7 +34,7 @@ def randomize_adapters(module: HealingModule, seed: int = 1) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
 
 
-def fit(module, path, tmp_path, steps=3, run_dir=None, **trainer_kwargs):
+def fit(module, path, tmp_path, steps=3, run_dir=None, ckpt_path=None, **trainer_kwargs):
     """Fit on tiny WikiText-2 blocks; with ``run_dir`` a StageCallback (no stages) saves model/ and adapter/ there."""
     data = TextDataModule(tokenizer=str(path), seq_len=32, num_train_samples=8, num_val_samples=4, batch_size=4)
     callbacks = [StageCallback(run_dir=str(run_dir))] if run_dir is not None else []
@@ -49,7 +50,7 @@ def fit(module, path, tmp_path, steps=3, run_dir=None, **trainer_kwargs):
         callbacks=callbacks,
         **trainer_kwargs,
     )
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -140,6 +141,17 @@ def test_qlora_fit_end_to_end(tiny_dir, tmp_path):
     assert trainer.callback_metrics["val_perplexity"] > 1
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    path = tmp_path / "qlora.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["state_dict"] and all(".lora_" in key for key in checkpoint["state_dict"])  # no 4-bit base
+    assert any(key.endswith("gate_proj.base_layer.weight.absmax") for key in checkpoint[SLIM_KEY]["dropped"])
+    resumed = HealingModule(model=str(tiny_dir), quantize="nf4", learning_rate=1e-2, warmup_steps=0)
+    fit(resumed, tiny_dir, tmp_path, steps=2, run_dir=tmp_path / "resumed", ckpt_path=path)
+    trained = {key: value for key, value in resumed.state_dict().items() if key in checkpoint["state_dict"]}
+    assert trained.keys() == checkpoint["state_dict"].keys()
+    for key, value in trained.items():
+        torch.testing.assert_close(value, checkpoint["state_dict"][key], rtol=0, atol=0, msg=key)
 
 
 def test_bad_settings_are_named(tiny_dir, monkeypatch):

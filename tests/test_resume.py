@@ -11,6 +11,7 @@ global RNG state in a checkpoint (with dropout the masks after resuming would di
 """
 
 import json
+import shutil
 
 import lightning as L
 import pytest
@@ -24,6 +25,8 @@ from lightning_prune.data.datamodule import TextDataModule
 from lightning_prune.errors import InputError
 from lightning_prune.evaluation.perplexity import perplexity
 from lightning_prune.modules.healing import HealingModule
+from lightning_prune.modules.slim import SLIM_KEY
+from lightning_prune.results import weight_bytes
 from lightning_prune.stages import PruneStage
 from lightning_prune.stages.plan import checkpoint_decisions
 
@@ -36,7 +39,7 @@ class Interrupt(L.Callback):
             raise RuntimeError("simulated crash")
 
 
-def run(model_dir, tmp_path, name, *, resume=None, extra=()):
+def run(model_dir, tmp_path, name, *, resume=None, extra=(), tokenizer=None):
     L.seed_everything(0)
     stages = StageCallback(
         [PruneStage(metric="block_influence", num_layers=2, compensation="magnitude")],
@@ -45,7 +48,7 @@ def run(model_dir, tmp_path, name, *, resume=None, extra=()):
     )
     checkpoint = ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=1, save_last=True)
     module = HealingModule(model=str(model_dir), lora_dropout=0.0, learning_rate=1e-2, warmup_steps=2)
-    data = TextDataModule(tokenizer=str(model_dir), seq_len=32, num_train_samples=16, calibration_samples=4, batch_size=2)
+    data = TextDataModule(tokenizer=str(tokenizer or model_dir), seq_len=32, num_train_samples=16, calibration_samples=4, batch_size=2)
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=STEPS,
@@ -73,6 +76,7 @@ def test_resume_mid_epoch_equals_uninterrupted(tiny_dir, tmp_path):
         run(tiny_dir, tmp_path, "crashed", extra=[Interrupt()])
     crashed = torch.load(tmp_path / "crashed" / "last.ckpt", weights_only=True)
     assert 0 < crashed["global_step"] < STEPS
+    assert_slim(crashed, module, tmp_path / "crashed" / "last.ckpt", tiny_dir)
     assert checkpoint_decisions(crashed)[0].removed_layers == stages.decisions[0].removed_layers
     resumed_module, resumed_stages, data = run(tiny_dir, tmp_path, "crashed", resume="last")
     assert resumed_stages.decisions[0].removed_layers == stages.decisions[0].removed_layers
@@ -83,6 +87,32 @@ def test_resume_mid_epoch_equals_uninterrupted(tiny_dir, tmp_path):
     for key, value in expected.items():
         torch.testing.assert_close(actual[key], value, rtol=0, atol=1e-6, msg=key)
     assert actual_ppl == pytest.approx(expected_ppl, abs=1e-6)
+
+
+def assert_slim(checkpoint, module, path, model_dir):
+    """The checkpoint holds the adapters and no frozen tensor; its file is a small fraction of the model."""
+    trainable = {f"model.{k}" for k, p in module.model.named_parameters() if p.requires_grad}
+    assert set(checkpoint["state_dict"]) == trainable
+    slim = checkpoint[SLIM_KEY]
+    assert slim["source"] == str(model_dir)
+    assert set(slim["dropped"]) == set(module.state_dict()) - trainable
+    dense = make_tiny_model("llama")
+    model_bytes = weight_bytes(dense)  # 1.02 MB for the tiny Llama
+    trainable_bytes = sum(module.state_dict()[k].numel() * 4 for k in trainable)  # LoRA r 2 on 4 layers: 18.4 kB
+    # adapters + 2 AdamW moments, plus the file's per-tensor records and the loop state
+    assert path.stat().st_size < 3 * trainable_bytes + 60_000
+    assert path.stat().st_size < 0.1 * model_bytes
+    print(f"checkpoint {path.stat().st_size:,} bytes; trainable {trainable_bytes:,}; model {model_bytes:,}")
+
+
+def test_resume_from_a_slim_checkpoint_needs_its_base_model(tiny_dir, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir, base)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(base, tmp_path, "crashed", extra=[Interrupt()])
+    shutil.rmtree(base)
+    with pytest.raises(InputError, match=rf"frozen base \(\d+ tensors\) is rebuilt from model '{base}', which could not"):
+        run(base, tmp_path, "crashed", resume="last", tokenizer=tiny_dir)
 
 
 def test_resume_with_another_model_is_refused(tiny_dir, tmp_path, tiny_tokenizer):

@@ -6,6 +6,11 @@ architecture in ``setup("fit")``) calls it first and optimizers only ever see th
 architecture; the decisions it applied arrive through :meth:`receive_decisions`. Saving the
 model is the callback's job (it knows the decisions' export fix-ups). Subclasses decide which parameters
 train (:meth:`trainable_parameters`) and how the model is wrapped (:meth:`prepare_model`).
+
+Checkpoints are slim (:mod:`lightning_prune.modules.slim`): frozen parameters (a LoRA base, a
+teacher, the layers a distillation keeps fixed) are left out and rebuilt on resume from the
+model source and the stage decisions; the module checks the key set itself, so Lightning loads
+the state dict non-strictly.
 """
 
 import lightning as L
@@ -15,6 +20,7 @@ from torchmetrics.text import Perplexity
 from lightning_prune.errors import InputError
 from lightning_prune.model.loading import load_model
 from lightning_prune.modules.optim import adamw_cosine
+from lightning_prune.modules.slim import check_fits, drop_frozen, frozen_keys
 from lightning_prune.stages.plan import checkpoint_decisions, same_decisions
 
 __all__ = ["CausalLMModule"]
@@ -45,6 +51,7 @@ class CausalLMModule(L.LightningModule):
         self.tokenizer = None
         self.decisions: list = []
         self.val_perplexity = Perplexity()
+        self.strict_loading = False  # slim checkpoints: on_load_checkpoint checks the keys instead
 
     def configure_model(self) -> None:
         """Load the model once; later calls are no-ops."""
@@ -91,8 +98,16 @@ class CausalLMModule(L.LightningModule):
         """The stage decisions applied to ``self.model`` (from ``StageCallback.setup``)."""
         self.decisions = list(decisions)
 
+    def rebuilt_keys(self) -> list[str]:
+        """State-dict keys rebuilt on resume instead of checkpointed: the frozen parameters."""
+        return frozen_keys(self)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only what trains (and the buffers); record the model source the rest comes from."""
+        drop_frozen(checkpoint, self.rebuilt_keys(), self.hparams.model)
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse, before any weight loads, a checkpoint taken after other stage decisions."""
+        """Refuse, before any weight loads, a checkpoint of other decisions or that does not fit the module."""
         stored = checkpoint_decisions(checkpoint)
         if stored is not None and not same_decisions(stored, self.decisions):
             raise InputError(
@@ -100,3 +115,4 @@ class CausalLMModule(L.LightningModule):
                 f"{[d.summary() for d in self.decisions] or 'no stages'}; resume through StageCallback(resume_from=<checkpoint>) "
                 "(the CLI does this for --ckpt_path)"
             )
+        check_fits(checkpoint, self.state_dict(), self.rebuilt_keys())

@@ -281,13 +281,3 @@ class LayerwiseDistillation(CausalLMModule):
 
     def on_train_end(self) -> None:
         self.gather_layers()
-
-    # ----- checkpoints --------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Drop the teacher (it is the original model, rebuilt on load); the merge is in ``checkpoint["decisions"]``."""
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Check the decisions fit, then put the live teacher's weights back so the state dict loads strictly."""
-        super().on_load_checkpoint(checkpoint)
-        checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})

@@ -24,6 +24,7 @@ from peft import LoraConfig, PeftModel
 from torch import nn
 
 from lightning_prune.errors import InputError
+from lightning_prune.fsdp import check_fsdp
 from lightning_prune.lora import (
     PAPER_TARGETS,
     adapter_parameter_count,
@@ -42,6 +43,11 @@ from lightning_prune.teacher import TeacherDistillation, causal_lm_loss, distill
 __all__ = ["HealingModule"]
 
 CHECKPOINT_KEY = "healing_model"
+
+
+def _is_bitsandbytes_linear(module: nn.Module) -> bool:
+    """A bitsandbytes 4/8-bit linear (not peft's LoRA wrapper of the same class name)."""
+    return type(module).__module__.startswith("bitsandbytes") and type(module).__name__ in ("Linear4bit", "Linear8bitLt")
 
 
 class HealingModule(CausalLMModule):
@@ -102,16 +108,25 @@ class HealingModule(CausalLMModule):
         self.hparams.distill = asdict(distill) if distill is not None else None  # plain data: checkpoints load weights_only
         self.fingerprint: dict | None = None
         self.teacher: nn.Module | None = None
-        # QLoRA / a 4-bit teacher: 4-bit weights are rebuilt, not loaded (keys checked on load)
-        self.strict_loading = quantize is None and (distill is None or distill.quantize is None)
 
     def configure_model(self) -> None:
         """Load the dense model once (no adapters yet: the stages may still change it), and the teacher."""
         if self.model is None:
+            self._check_strategy()
             super().configure_model()
             self.fingerprint = model_fingerprint(self.model.config)
             if self.distill is not None:
                 self.teacher = self._load_teacher(self.distill)
+
+    def _check_strategy(self) -> None:
+        """Before any weight loads: a sharding strategy cannot take a 4-bit base or teacher."""
+        try:
+            strategy = self.trainer.strategy
+        except RuntimeError:  # not attached to a Trainer
+            return
+        check_fsdp(strategy, self.hparams.quantize)
+        if self.distill is not None:
+            check_fsdp(strategy, self.distill.quantize, "distill quantize")
 
     def _load_teacher(self, distill: TeacherDistillation) -> nn.Module:
         """The frozen teacher: a copy of the dense model, or another model with the same vocabulary."""
@@ -194,20 +209,19 @@ class HealingModule(CausalLMModule):
         """The merged plain Hugging Face model (adapters folded into a full-precision copy)."""
         return merged_copy(self.model, self.hparams.dtype)
 
-    def _rebuilt_keys(self) -> list[str]:
-        """State-dict keys of 4-bit modules: rebuilt from the original model, never checkpointed."""
-        prefixes = [name + "." for name, m in self.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
-        return [key for key in self.state_dict() if any(key.startswith(p) for p in prefixes)]
+    def rebuilt_keys(self) -> list[str]:
+        """Frozen parameters (base, teacher) and every state entry of 4-bit modules: rebuilt, never checkpointed."""
+        prefixes = [name + "." for name, m in self.named_modules() if _is_bitsandbytes_linear(m)]
+        quantized = [key for key in self.state_dict() if any(key.startswith(p) for p in prefixes)]
+        return sorted(set(super().rebuilt_keys()) | set(quantized))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Store which model this is; leave out the 4-bit base and the teacher (both are rebuilt on resume)."""
+        """Store which model this is; keep only the adapters (the base and the teacher are rebuilt on resume)."""
         checkpoint[CHECKPOINT_KEY] = {"model": self.hparams.model, "fingerprint": self.fingerprint}
-        dropped = set(self._rebuilt_keys())
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in dropped and not k.startswith("teacher.")}
+        super().on_save_checkpoint(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another model or architecture before any weight is loaded."""
-        super().on_load_checkpoint(checkpoint)
         stored = checkpoint.get(CHECKPOINT_KEY)
         if stored is None:
             raise InputError("checkpoint was not written by HealingModule; resume only from a healing run's checkpoint")
@@ -216,14 +230,4 @@ class HealingModule(CausalLMModule):
                 f"checkpoint is from model {stored['model']!r} {stored['fingerprint']}, "
                 f"but this run heals {self.hparams.model!r} {self.fingerprint}; pass the checkpoint of this model"
             )
-        if self.teacher is not None:  # the live teacher is the dense model again: put it back so the state dict loads
-            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
-        rebuilt = set(self._rebuilt_keys())
-        live = {k: tuple(v.shape) for k, v in self.state_dict().items() if k not in rebuilt}
-        shapes = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
-        wrong = sorted(set(shapes) ^ set(live)) + sorted(k for k in set(shapes) & set(live) if shapes[k] != live[k])
-        if wrong:
-            raise InputError(
-                f"checkpoint does not fit this run's architecture ({len(wrong)} mismatched tensors, first "
-                f"{wrong[0]!r}); it was written with other pruning/LoRA settings"
-            )
+        super().on_load_checkpoint(checkpoint)

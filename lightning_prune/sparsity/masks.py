@@ -63,8 +63,19 @@ def row_counts(num_rows: int, num_cols: int, sparsity: float) -> torch.Tensor:
     return counts
 
 
+_CHUNK = 1 << 22  # elements per selection step: int64 sort buffers never exceed this, whatever the matrix
+
+
+def _row_chunks(rows: int, cols: int) -> range:
+    """Row starts of chunks of about :data:`_CHUNK` elements (at least one row each)."""
+    return range(0, rows, max(1, _CHUNK // max(cols, 1)))
+
+
 def topk_keep_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Prune the ``counts[r]`` lowest-scoring weights of each row ``r`` (ties broken by position).
+
+    Rows are sorted in chunks of about :data:`_CHUNK` elements, so the int64 sort buffers stay
+    that small whatever the matrix.
 
     Args:
         scores: (C_out, C_in) importance, higher = keep.
@@ -73,31 +84,68 @@ def topk_keep_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     Returns:
         bool keep mask (C_out, C_in) with exactly ``C_in - counts[r]`` ``True`` in row ``r``.
     """
-    order = torch.sort(scores.float(), dim=1, stable=True).indices
-    ranks = torch.empty_like(order)
-    positions = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
-    ranks.scatter_(1, order, positions)
-    return ranks >= counts.to(scores.device)[:, None]
+    rows, cols = scores.shape
+    keep = torch.empty(rows, cols, dtype=torch.bool, device=scores.device)
+    counts = counts.to(scores.device)
+    for start in _row_chunks(rows, cols):
+        chunk = scores[start : start + _row_chunks(rows, cols).step].float()
+        order = torch.sort(chunk, dim=1, stable=True).indices
+        ranks = torch.empty_like(order)
+        ranks.scatter_(1, order, torch.arange(cols, device=scores.device).expand_as(order))
+        keep[start : start + len(chunk)] = ranks >= counts[start : start + len(chunk), None]
+    return keep
+
+
+def _sortable_keys(values: torch.Tensor) -> torch.Tensor:
+    """int32 keys ordered like the fp32 ``values``: the bit pattern, negated for negatives (-0.0 and 0.0 alike)."""
+    keys = values.view(torch.int32)
+    return torch.where(keys < 0, -(keys & 0x7FFFFFFF), keys)
+
+
+def _kth_key(keys: torch.Tensor, k: int) -> int:
+    """The ``k``-th smallest (1-based) int32 key: two 16-bit histogram passes (radix select)."""
+    high = (keys >> 16) + 32768
+    cumulative = torch.bincount(high, minlength=65536).cumsum(0)
+    bucket = int(torch.searchsorted(cumulative, torch.tensor(k, device=keys.device)))
+    below = int(cumulative[bucket - 1]) if bucket else 0
+    low = torch.bincount(torch.where(high == bucket, keys & 0xFFFF, 65536), minlength=65537)[:65536].cumsum(0)
+    offset = int(torch.searchsorted(low, torch.tensor(k - below, device=keys.device)))
+    return ((bucket - 32768) << 16) | offset
 
 
 def flat_keep_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Prune the ``count`` lowest scores of the whole tensor, all rows together (ties by position).
 
     One threshold over the matrix (or block) instead of one per row: rows may lose different
-    numbers of weights, the total is exactly ``count``.
+    numbers of weights, the total is exactly ``count``. The threshold is found by radix
+    selection on an int32 view of the fp32 scores (no sort, no int64 copy of the matrix); of
+    the scores equal to it, the first ones in row-major order are pruned.
     """
-    order = torch.sort(scores.float().flatten(), stable=True).indices
-    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    keep[order[: int(count)]] = False
+    count = int(count)
+    flat = scores.detach().float().reshape(-1).contiguous()
+    if count <= 0:
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    keys = _sortable_keys(flat)
+    threshold = _kth_key(keys, count)
+    keep = keys >= threshold
+    ties = count - int(torch.count_nonzero(keys < threshold))  # how many of the scores equal to the threshold go, first ones first
+    for start in range(0, flat.numel(), _CHUNK):
+        if ties == 0:
+            break
+        equal = (keys[start : start + _CHUNK] == threshold).nonzero().flatten()[:ties]
+        keep[start + equal] = False
+        ties -= len(equal)
     return keep.reshape(scores.shape)
 
 
 def nm_keep_mask(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
-    """Keep the ``n`` highest scores in every group of ``m`` consecutive columns (C_in % m == 0)."""
+    """Keep the ``n`` highest scores in every group of ``m`` consecutive columns (C_in % m == 0); rows in chunks."""
     rows, cols = scores.shape
-    groups = scores.float().reshape(rows, cols // pattern.m, pattern.m)
-    keep = torch.zeros_like(groups, dtype=torch.bool)
-    keep.scatter_(2, groups.topk(pattern.n, dim=2, sorted=False).indices, True)
+    keep = torch.zeros(rows, cols // pattern.m, pattern.m, dtype=torch.bool, device=scores.device)
+    step = _row_chunks(rows, cols).step
+    for start in _row_chunks(rows, cols):
+        groups = scores[start : start + step].float().reshape(-1, cols // pattern.m, pattern.m)
+        keep[start : start + step].scatter_(2, groups.topk(pattern.n, dim=2, sorted=False).indices, True)
     return keep.reshape(rows, cols)
 
 
@@ -153,7 +201,7 @@ def measure_sparsity(model: nn.Module) -> dict:
     sizes: dict[int, int] = {}
     for name, linear in prunable_linears(model):
         index = int(name.split(".")[1])
-        zeros[index] = zeros.get(index, 0) + int((linear.weight == 0).sum())
+        zeros[index] = zeros.get(index, 0) + int(torch.count_nonzero(linear.weight == 0))
         sizes[index] = sizes.get(index, 0) + linear.weight.numel()
     overall = sum(zeros.values()) / max(sum(sizes.values()), 1)
     return {"overall": overall, "per_layer": [zeros[i] / sizes[i] for i in sorted(sizes)]}

@@ -11,7 +11,7 @@ Statistics are accumulated in fp32 by forward hooks on each linear
 decoder layer's projections.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -51,15 +51,19 @@ def check_magnitude_scope(magnitude_scope: str) -> None:
 class InputStatistics:
     """Running statistics of the inputs X (tokens × C_in) of one linear layer.
 
+    Each batch's sums are computed in fp32 and accumulated in fp64, so that sums over shards
+    of the calibration data (one per rank, :meth:`all_reduce`) equal the sum over all of it to
+    fp64 rounding.
+
     Attributes:
-        squared_sum: (C_in,) Σ_tokens x_j².
-        hessian: (C_in, C_in) Σ_tokens x xᵀ, kept only when ``hessian=True``.
+        squared_sum: (C_in,) Σ_tokens x_j² (fp64).
+        gram: (C_in, C_in) Σ_tokens x xᵀ (fp64), kept only when ``hessian=True``.
         tokens: number of token rows seen.
     """
 
     def __init__(self, in_features: int, *, hessian: bool, device: torch.device | str = "cpu"):
-        self.squared_sum = torch.zeros(in_features, dtype=torch.float32, device=device)
-        self.gram = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
+        self.squared_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.gram = torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if hessian else None
         self.tokens = 0
 
     def update(self, inputs: torch.Tensor) -> None:
@@ -67,23 +71,36 @@ class InputStatistics:
         rows = inputs.detach().reshape(-1, inputs.shape[-1]).float()
         self.squared_sum += rows.square().sum(0)
         if self.gram is not None:
-            self.gram.addmm_(rows.T, rows)
+            self.gram += rows.T @ rows
         self.tokens += rows.shape[0]
+
+    def all_reduce(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every sum and the token count by its sum over ranks (``reduce`` sums a tensor)."""
+        self.squared_sum = reduce(self.squared_sum)
+        if self.gram is not None:
+            self.gram = reduce(self.gram)
+        self.tokens = int(reduce(torch.tensor(float(self.tokens), dtype=torch.float64)))
 
     @property
     def column_norms(self) -> torch.Tensor:
-        """(C_in,) ‖X_j‖₂ / √n — Wanda's feature norm up to a factor common to all weights."""
-        return (self.squared_sum / max(self.tokens, 1)).sqrt()
+        """(C_in,) ‖X_j‖₂ / √n in fp32 — Wanda's feature norm up to a factor common to all weights."""
+        return (self.squared_sum / max(self.tokens, 1)).sqrt().float()
 
     @property
     def hessian(self) -> torch.Tensor:
-        """(C_in, C_in) H = 2XᵀX / n, SparseGPT's layer-wise reconstruction Hessian."""
+        """(C_in, C_in) H = 2XᵀX / n (fp64), SparseGPT's layer-wise reconstruction Hessian."""
         return self.gram * (2.0 / max(self.tokens, 1))
 
 
 @contextmanager
-def collect_statistics(linears: dict[str, nn.Module], *, hessian: bool) -> Iterator[dict[str, InputStatistics]]:
-    """Forward hooks that fill one :class:`InputStatistics` per named linear while the block runs."""
+def collect_statistics(
+    linears: dict[str, nn.Module], *, hessian: bool, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> Iterator[dict[str, InputStatistics]]:
+    """Forward hooks that fill one :class:`InputStatistics` per named linear while the block runs.
+
+    With ``reduce`` (DDP: a sum over ranks) the statistics are all-reduced when the block ends,
+    so every rank leaves with the statistics of all ranks' calibration shards.
+    """
     stats = {name: InputStatistics(module.in_features, hessian=hessian, device=module.weight.device) for name, module in linears.items()}
     handles = [module.register_forward_pre_hook(lambda m, args, name=name: stats[name].update(args[0])) for name, module in linears.items()]
     try:
@@ -91,6 +108,9 @@ def collect_statistics(linears: dict[str, nn.Module], *, hessian: bool) -> Itera
     finally:
         for handle in handles:
             handle.remove()
+    if reduce is not None:
+        for name in sorted(stats):  # the same collective order on every rank
+            stats[name].all_reduce(reduce)
 
 
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:

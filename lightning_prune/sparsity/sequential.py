@@ -10,8 +10,14 @@
    then run the *pruned* layer to get the inputs of the next one.
 
 Only one layer's activations are held besides the model (N × T × D hidden states).
+
+Data parallel (``reduce``, a sum over ranks): each rank passes its own shard of the
+calibration blocks; every layer's input statistics (Wanda's squared sums, SparseGPT's Gram
+matrices, their token counts) are all-reduced as sums before they are used, so the OWL / DLP
+statistics, the allocation and the masks are those of all shards together, on every rank.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +44,7 @@ from lightning_prune.sparsity.masks import (
     unwrap_model,
 )
 from lightning_prune.sparsity.nm import check_mixed, check_widths, mixed_patterns
+from lightning_prune.sparsity.packing import PackedMasks
 from lightning_prune.sparsity.scores import (
     METHODS,
     InputStatistics,
@@ -59,13 +66,13 @@ class SparsityResult:
         layer_sparsity: per decoder layer, the allocated sparsity.
         layer_statistic: per decoder layer, the allocation statistic (DLP median / OWL outlier ratio).
         layer_patterns: per decoder layer, ``"N:M"`` (N:M runs only).
-        masks: keep masks keyed ``layers.{i}.{role}``.
+        masks: keep masks keyed ``layers.{i}.{role}`` (bool when read, stored one bit per weight).
     """
 
     layer_sparsity: list[float]
     layer_statistic: list[float] | None = None
     layer_patterns: list[str] | None = None
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: PackedMasks = field(default_factory=PackedMasks)
 
 
 def check_method(method: str) -> None:
@@ -121,7 +128,9 @@ def _linears(anatomy: Anatomy, position: int) -> dict[str, nn.Module]:
     return {role: base_linear(module) for role, module in anatomy.linears(anatomy.layers[position]).items()}
 
 
-def _allocation_statistics(model, inputs: LayerInputs, allocations, progress: bool, **statistic_options) -> dict[str, list[float]]:
+def _allocation_statistics(
+    model, inputs: LayerInputs, allocations, progress: bool, reduce=None, **statistic_options
+) -> dict[str, list[float]]:
     """Dense pass: each layer's statistic of its concatenated Wanda scores (003 Algorithm 1 lines 4–5).
 
     ``statistic_options``: ``dlp_statistic`` / ``owl_m`` of :func:`layer_statistic`.
@@ -131,7 +140,7 @@ def _allocation_statistics(model, inputs: LayerInputs, allocations, progress: bo
     hidden = inputs.hidden
     for position in tqdm(range(anatomy.num_layers), desc="layer statistics", disable=not progress, leave=False):
         linears = _linears(anatomy, position)
-        with collect_statistics(linears, hessian=False) as stats:
+        with collect_statistics(linears, hessian=False, reduce=reduce) as stats:
             hidden = _run_layer(model, position, LayerInputs(position, hidden, inputs.kwargs))
         scores = torch.cat([wanda_scores(linear.weight, stats[role]).flatten() for role, linear in linears.items()])
         for allocation in allocations:
@@ -173,7 +182,7 @@ def _targets(result: SparsityResult, pattern: NMPattern | None, allocation: str)
     return patterns
 
 
-def _prune_layers(model, inputs, method, targets, masks, progress, options) -> None:
+def _prune_layers(model, inputs, method, targets, masks, progress, options, reduce=None) -> None:
     """Prune the layers in order, feeding each pruned layer's outputs to the next."""
     anatomy = Anatomy(model)
     hidden = inputs.hidden if inputs is not None else None
@@ -182,11 +191,11 @@ def _prune_layers(model, inputs, method, targets, masks, progress, options) -> N
         stats = None
         if method != "magnitude":
             layer_inputs = LayerInputs(position, hidden, inputs.kwargs)
-            with collect_statistics(linears, hessian=method == "sparsegpt") as stats:
+            with collect_statistics(linears, hessian=method == "sparsegpt", reduce=reduce) as stats:
                 _run_layer(model, position, layer_inputs)
         for role, linear in linears.items():
             stat = stats[role] if stats else None
-            masks[f"layers.{position}.{role}"] = prune_linear(linear, method, targets[position], stat, **options).cpu()
+            masks[f"layers.{position}.{role}"] = prune_linear(linear, method, targets[position], stat, **options)
         if hidden is not None and position + 1 < anatomy.num_layers:
             hidden = _run_layer(model, position, LayerInputs(position, hidden, inputs.kwargs))
 
@@ -210,6 +219,7 @@ def sparsify(
     magnitude_scope: str = "row",
     dlp_statistic: str = "median",
     owl_m: float = OWL_OUTLIER_MULTIPLE,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> SparsityResult:
     """Prune every q/k/v/o/gate/up/down projection of the decoder in place.
 
@@ -234,6 +244,7 @@ def sparsify(
         dlp_statistic: DLP's layer unimportance S_l: ``"median"`` (003 Eq. 5) or ``"mean"``
             (the authors' released code).
         owl_m: OWL's outlier multiplier M (003 Eq. 4).
+        reduce: DDP: sums a tensor over ranks, ``blocks`` being this rank's shard (``None``: one process).
     """
     check_method(method)
     check_mask_rule(mask_rule)
@@ -257,7 +268,7 @@ def sparsify(
         statistics = None
     elif statistics is None:
         statistic_options = {"dlp_statistic": dlp_statistic, "owl_m": owl_m}
-        statistics = _allocation_statistics(model, inputs, [allocation], progress, **statistic_options)[allocation]
+        statistics = _allocation_statistics(model, inputs, [allocation], progress, reduce, **statistic_options)[allocation]
     elif len(statistics) != num_layers:
         raise InputError(f"{len(statistics)} layer statistics given for a model with {num_layers} layers")
     result = SparsityResult(allocate(allocation, statistics or [0.0] * num_layers, sparsity, alpha), statistics)
@@ -266,6 +277,6 @@ def sparsify(
         options = {"blocksize": blocksize, "percdamp": percdamp, "mask_rule": mask_rule}
     else:
         options = {"magnitude_scope": magnitude_scope}
-    _prune_layers(model, inputs if method != "magnitude" else None, method, targets, result.masks, progress, options)
+    _prune_layers(model, inputs if method != "magnitude" else None, method, targets, result.masks, progress, options, reduce)
     model.train(was_training)
     return result

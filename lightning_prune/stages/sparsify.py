@@ -1,13 +1,18 @@
 """``SparsifyStage``: unstructured or N:M weight sparsity with uniform / OWL / DLP allocation (paper 003).
 
 The math lives in :mod:`lightning_prune.sparsity`; a :class:`SparsityDecision` holds the
-keep masks (bool, keyed ``layers.{i}.{role}``), per-layer sparsities and, for SparseGPT (whose OBS
-update also changes the kept weights), the pruned weights themselves. During training it
-keeps trainable masked weights at zero (gradients masked before the step, weights re-masked
-after it); frozen bases (LoRA, 4-bit QLoRA) are left alone since they cannot change, and the
-exported model gets the masks again after the adapters are merged into it.
+keep masks (keyed ``layers.{i}.{role}``, stored one bit per weight: :class:`PackedMasks`),
+per-layer sparsities and, for SparseGPT (whose OBS update also changes the kept weights), the
+pruned weights themselves. During training it keeps trainable masked weights at zero
+(gradients masked before the step, weights re-masked after it, each mask unpacked on the
+weight's device only while it is used); frozen bases (LoRA, 4-bit QLoRA) are left alone since
+they cannot change, and the exported model gets the masks again after the adapters are merged
+into it. Under DDP each rank calibrates on its shard of the blocks and the statistics are
+all-reduced (:mod:`lightning_prune.sparsity.sequential`); the signature that ``StageCallback``
+compares across ranks includes a checksum of the masks.
 """
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,6 +24,7 @@ from lightning_prune.sparsity.allocation import check_allocation
 from lightning_prune.sparsity.compressed import check_export_format, save_compressed
 from lightning_prune.sparsity.masks import apply_masks, measure_sparsity, prunable_linears
 from lightning_prune.sparsity.nm import check_mixed, check_widths, parse_pattern, resolve_sparsity
+from lightning_prune.sparsity.packing import PackedMasks, mask_checksum, unpack_mask
 from lightning_prune.sparsity.sequential import check_method, sparsify
 from lightning_prune.stages.base import Decision, Reduce, Stage, identity_reduce
 
@@ -59,6 +65,7 @@ class SparsifyStage(Stage):
     export_format: str = "dense"
 
     name = "sparsify"
+    shards_calibration = True
 
     def resolved(self) -> tuple:
         """(pattern, target sparsity, alpha) after defaults, validated."""
@@ -104,6 +111,7 @@ class SparsifyStage(Stage):
             magnitude_scope=self.magnitude_scope,
             dlp_statistic=self.dlp_statistic,
             owl_m=self.owl_m,
+            reduce=reduce,
         )
         record = {
             "settings": {**asdict(self), "sparsity": target, "alpha": alpha},
@@ -120,23 +128,25 @@ class SparsifyStage(Stage):
 
 
 class SparsityDecision(Decision):
-    """Keep masks per projection (``True`` = kept) and the allocation that produced them."""
+    """Keep masks per projection (``True`` = kept, stored one bit per weight) and the allocation that produced them."""
 
     kind = "sparsify"
 
-    def __init__(self, record: dict, masks: dict[str, torch.Tensor], weights: dict[str, torch.Tensor] | None = None):
-        self.record, self.masks = record, {name: mask.bool().cpu() for name, mask in masks.items()}
+    def __init__(self, record: dict, masks: Mapping[str, torch.Tensor], weights: dict[str, torch.Tensor] | None = None):
+        self.record = record
+        self.masks = masks if isinstance(masks, PackedMasks) else PackedMasks(masks)
         self.weights = dict(weights or {})
+        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}  # packed bits of trainable weights
 
     def apply(self, model: nn.Module) -> None:
         linears = dict(prunable_linears(model))
         missing = sorted(set(self.masks) - set(linears))
         if missing:
             raise InputError(f"the sparsity plan names {missing[0]!r}, which this model does not have ({len(missing)} missing)")
-        for name, mask in self.masks.items():
-            if tuple(mask.shape) != tuple(linears[name].weight.shape):
+        for name in self.masks:
+            if self.masks.shape(name) != tuple(linears[name].weight.shape):
                 raise InputError(
-                    f"sparsity mask {name!r} has shape {tuple(mask.shape)}, the model's weight {tuple(linears[name].weight.shape)}"
+                    f"sparsity mask {name!r} has shape {self.masks.shape(name)}, the model's weight {tuple(linears[name].weight.shape)}"
                 )
         with torch.no_grad():
             for name, weight in self.weights.items():
@@ -144,22 +154,25 @@ class SparsityDecision(Decision):
         apply_masks(model, self.masks)
 
     def _trainable_masks(self, model: nn.Module):
-        linears = dict(prunable_linears(model))
-        for name, mask in self.masks.items():
-            weight = linears[name].weight
-            if weight.requires_grad:
-                yield weight, mask
+        """(weight, bool mask on its device) of every trainable masked weight, unpacked one at a time."""
+        for name, linear in prunable_linears(model):
+            weight = linear.weight
+            if name in self.masks and weight.requires_grad:
+                key = (name, weight.device)
+                if key not in self._on_device:
+                    self._on_device[key] = self.masks.packed(name).to(weight.device)
+                yield weight, unpack_mask(self._on_device[key], self.masks.shape(name))
 
     @torch.no_grad()
     def constrain(self, model: nn.Module) -> None:
         for weight, mask in self._trainable_masks(model):
-            weight.mul_(mask.to(device=weight.device, dtype=weight.dtype))
+            weight.mul_(mask)
 
     @torch.no_grad()
     def mask_gradients(self, model: nn.Module) -> None:
         for weight, mask in self._trainable_masks(model):
             if weight.grad is not None:
-                weight.grad.mul_(mask.to(device=weight.device, dtype=weight.grad.dtype))
+                weight.grad.mul_(mask)
 
     def on_export(self, model: nn.Module) -> None:
         apply_masks(model, self.masks)
@@ -177,23 +190,29 @@ class SparsityDecision(Decision):
         return self.record
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """Packed masks (``packed.{name}``, uint8, 1 bit per weight) with their shapes, and SparseGPT's weights."""
         return {
-            **{f"mask.{name}": mask for name, mask in self.masks.items()},
+            **{f"packed.{name}": self.masks.packed(name) for name in self.masks},
+            **{f"shape.{name}": torch.tensor(self.masks.shape(name)) for name in self.masks},
             **{f"weight.{name}": weight for name, weight in self.weights.items()},
         }
 
     @classmethod
     def from_json(cls, data: dict, tensors: dict[str, torch.Tensor]) -> "SparsityDecision":
-        masks = {key[len("mask.") :]: value for key, value in tensors.items() if key.startswith("mask.")}
-        weights = {key[len("weight.") :]: value for key, value in tensors.items() if key.startswith("weight.")}
+        def named(prefix: str) -> dict[str, torch.Tensor]:
+            return {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+
+        packed, shapes = named("packed."), {name: tuple(shape.tolist()) for name, shape in named("shape.").items()}
+        masks = PackedMasks.from_packed(packed, shapes) if packed.keys() == shapes.keys() else PackedMasks()
+        masks.update(named("mask."))  # plans written before packing hold bool masks
         if not masks:
             raise InputError("sparsity decision has no masks (decisions.safetensors missing or from another plan)")
-        return cls(data, masks, weights)
+        return cls(data, masks, named("weight."))
 
     def summary(self) -> str:
         settings = self.record["settings"]
-        kept = sum(int(m.sum()) for m in self.masks.values())
-        total = sum(m.numel() for m in self.masks.values())
+        kept = sum(self.masks.kept(name) for name in self.masks)
+        total = sum(self.masks.numel(name) for name in self.masks)
         structure = f", {settings['structure']}" if settings.get("structure") else ""
         return (
             f"sparsify: {settings['method']} + {settings['allocation']}{structure}, "
@@ -201,4 +220,5 @@ class SparsityDecision(Decision):
         )
 
     def signature(self) -> str:
-        return str([round(s, 6) for s in self.record["layer_sparsity"]])
+        """Per-layer sparsities and a checksum of every mask (equal on ranks that chose the same masks)."""
+        return f"{[round(s, 6) for s in self.record['layer_sparsity']]} masks {mask_checksum(self.masks)}"
