@@ -153,9 +153,9 @@ def test_unsupported_compositions_are_refused_up_front(stages, fragment):
 
 
 def test_recipe_with_a_bad_stage_order_is_one_line_before_any_weight_loads(capsys, tiny_dir, tmp_path, monkeypatch):
-    import lightning_prune.model.loading as loading
+    from transformers import AutoModelForCausalLM
 
-    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
     code, _, err = run_cli(
         capsys,
         "fit",
