@@ -18,7 +18,7 @@ import torch
 from torchmetrics.text import Perplexity
 
 from lightning_prune.errors import InputError
-from lightning_prune.model.loading import load_model
+from lightning_prune.model.loading import load_model, resolve_device, resolve_dtype
 from lightning_prune.modules.optim import adamw_cosine
 from lightning_prune.modules.slim import check_fits, drop_frozen, frozen_keys
 from lightning_prune.stages.plan import checkpoint_decisions, same_decisions
@@ -31,7 +31,8 @@ class CausalLMModule(L.LightningModule):
 
     Args:
         model: 'demo', a Hub id, a local model directory or a .gguf file.
-        dtype: weight dtype (float32, bfloat16, float16).
+        dtype: weight dtype: auto (bfloat16 when the trainer runs on a CUDA device that supports it,
+            else float32), float32, bfloat16 or float16.
         learning_rate: peak AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps before the cosine decay.
@@ -40,7 +41,7 @@ class CausalLMModule(L.LightningModule):
     def __init__(
         self,
         model: str = "demo",
-        dtype: str = "float32",
+        dtype: str = "auto",
         learning_rate: float = 1e-5,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -57,8 +58,16 @@ class CausalLMModule(L.LightningModule):
         """Load the model once; later calls are no-ops."""
         if self.model is not None:
             return
-        model, self.tokenizer = load_model(self.hparams.model, dtype=self.hparams.dtype)
+        model, self.tokenizer = load_model(self.hparams.model, dtype=self.resolved_dtype(self.hparams.dtype))
         self.model = self.prepare_model(model.train())
+
+    def resolved_dtype(self, name: str) -> str:
+        """``auto`` -> bfloat16 on the trainer's CUDA device when it supports it, else float32; others as given."""
+        try:
+            device = self.trainer.strategy.root_device
+        except RuntimeError:  # not attached to a Trainer (e.g. built in a test): where a run would go
+            device = resolve_device("auto")
+        return resolve_dtype(name, device)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Hook for subclasses (e.g. wrap with LoRA); the base trains the model as it is."""

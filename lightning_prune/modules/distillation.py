@@ -47,7 +47,7 @@ class LayerwiseDistillation(CausalLMModule):
 
     Args:
         model: 'demo', a Hub id, a local model directory or a .gguf file (teacher and student).
-        dtype: weight dtype.
+        dtype: weight dtype (auto: bfloat16 on a CUDA device that supports it, else float32).
         mode: ``sp`` (all merged layers jointly) or ``mp`` (one merged layer at a time).
         learning_rate: sp learning rate (paper: 1e-5).
         learning_rates: mp learning rate per merged layer, shallow -> deep (paper: 5e-4 ... 1e-5).
@@ -68,7 +68,7 @@ class LayerwiseDistillation(CausalLMModule):
     def __init__(
         self,
         model: str = "demo",
-        dtype: str = "float32",
+        dtype: str = "auto",
         mode: str = "sp",
         learning_rate: float = 1e-5,
         learning_rates: list[float] = list(MP_LEARNING_RATES),

@@ -58,13 +58,14 @@ class HealingModule(CausalLMModule):
 
     Args:
         model: 'demo', a Hub id, a local model directory or a .gguf file.
-        dtype: weight dtype of the loaded model and of the merged model that is saved.
+        dtype: weight dtype of the loaded model and of the merged model that is saved (auto: bfloat16
+            on a CUDA device that supports it, else float32).
         lora_rank: LoRA rank r (paper 002: 2).
         lora_alpha: LoRA alpha; the update is scaled by alpha / r (paper 002: 2).
         lora_dropout: dropout on the adapter input (paper 002: 0.05).
         target_modules: linear layer names that get adapters (paper 002: gate/up/down projections).
         quantize: ``nf4`` (or ``fp4``) for QLoRA 4-bit base weights; unset for plain LoRA.
-        compute_dtype: QLoRA compute dtype (float32 on CPU, bfloat16 on recent GPUs).
+        compute_dtype: QLoRA compute dtype (auto: bfloat16 on a CUDA device that supports it, else float32).
         double_quant: QLoRA double quantisation of the quantisation constants.
         gradient_checkpointing: recompute activations in backward (saves memory, costs time).
         learning_rate: peak AdamW learning rate (paper 002: 3e-4).
@@ -77,13 +78,13 @@ class HealingModule(CausalLMModule):
     def __init__(
         self,
         model: str = "demo",
-        dtype: str = "float32",
+        dtype: str = "auto",
         lora_rank: int = 2,
         lora_alpha: float = 2.0,
         lora_dropout: float = 0.05,
         target_modules: list[str] = list(PAPER_TARGETS),
         quantize: str | None = None,
-        compute_dtype: str = "float32",
+        compute_dtype: str = "auto",
         double_quant: bool = True,
         gradient_checkpointing: bool = False,
         learning_rate: float = 3e-4,
@@ -95,8 +96,8 @@ class HealingModule(CausalLMModule):
             raise InputError(f"lora_rank {lora_rank} must be a positive integer (paper 002 uses 2)")
         if not 0 <= lora_dropout < 1:
             raise InputError(f"lora_dropout {lora_dropout} must be in [0, 1)")
-        if compute_dtype not in DTYPES:
-            raise InputError(f"compute_dtype {compute_dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        if compute_dtype != "auto" and compute_dtype not in DTYPES:
+            raise InputError(f"compute_dtype {compute_dtype!r} is not supported; choose auto or one of {', '.join(DTYPES)}")
         check_bitsandbytes(quantize)
         if isinstance(distill, dict):  # hyper-parameters of a checkpoint store it as plain data
             distill = TeacherDistillation(**distill)
@@ -133,7 +134,7 @@ class HealingModule(CausalLMModule):
         if distill.teacher == "original":
             teacher = copy.deepcopy(self.model)
         else:
-            teacher = load_model(distill.teacher, dtype=self.hparams.dtype)[0]
+            teacher = load_model(distill.teacher, dtype=self.resolved_dtype(self.hparams.dtype))[0]
             sizes = (teacher.config.vocab_size, self.model.config.vocab_size)
             if sizes[0] != sizes[1]:
                 raise InputError(
@@ -141,7 +142,9 @@ class HealingModule(CausalLMModule):
                     f"{sizes[1]}; logit distillation needs one vocabulary"
                 )
         if distill.quantize:
-            teacher = quantize_model(teacher, quant_type=distill.quantize, compute_dtype=self.hparams.compute_dtype, double_quant=True)
+            teacher = quantize_model(
+                teacher, quant_type=distill.quantize, compute_dtype=self.resolved_dtype(self.hparams.compute_dtype), double_quant=True
+            )
         return teacher.eval().requires_grad_(False)
 
     def lora_config(self) -> LoraConfig:
@@ -164,7 +167,9 @@ class HealingModule(CausalLMModule):
         check_lora_targets(self.model, list(hp.target_modules))
         model = self.model
         if hp.quantize:
-            model = quantize_model(model, quant_type=hp.quantize, compute_dtype=hp.compute_dtype, double_quant=hp.double_quant)
+            model = quantize_model(
+                model, quant_type=hp.quantize, compute_dtype=self.resolved_dtype(hp.compute_dtype), double_quant=hp.double_quant
+            )
         self.model = attach_adapters(
             model, self.lora_config(), quantized=bool(hp.quantize), gradient_checkpointing=hp.gradient_checkpointing
         )
@@ -207,7 +212,7 @@ class HealingModule(CausalLMModule):
 
     def export_model(self) -> nn.Module:
         """The merged plain Hugging Face model (adapters folded into a full-precision copy)."""
-        return merged_copy(self.model, self.hparams.dtype)
+        return merged_copy(self.model, self.resolved_dtype(self.hparams.dtype))
 
     def rebuilt_keys(self) -> list[str]:
         """Frozen parameters (base, teacher) and every state entry of 4-bit modules: rebuilt, never checkpointed."""
