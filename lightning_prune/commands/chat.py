@@ -4,8 +4,7 @@ import sys
 
 import torch
 
-from lightning_prune.commands.common import load_checked_model
-from lightning_prune.commands.generate import check_sampling, complete
+from lightning_prune.commands.generate import Sampling
 
 __all__ = ["chat", "conversation_ids"]
 
@@ -21,29 +20,16 @@ def conversation_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt").input_ids
 
 
-def chat(
-    model: str = "demo",
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    dtype: str = "auto",
-    device: str = "auto",
-) -> None:
+def chat(sampling: Sampling, model: str = "demo", dtype: str = "auto", device: str = "auto") -> None:
     """Chat with a model: each stdin line is a user turn, answered on stdout; EOF or /exit ends.
 
     Args:
+        sampling: max_new_tokens (per answer), temperature, top_p and seed (:class:`~lightning_prune.commands.generate.Sampling`).
         model: 'demo', a Hub id, a local model directory (a run's model/) or a .gguf file.
-        max_new_tokens: tokens per answer at most.
-        temperature: sampling temperature; 0 is greedy decoding.
-        top_p: nucleus sampling: the smallest set of tokens with this probability mass (with temperature > 0).
-        seed: seed of the sampling.
         dtype: auto (bfloat16 on a CUDA device that supports it, else float32), float32, bfloat16 or float16.
         device: auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps.
     """
-    check_sampling(max_new_tokens, temperature, top_p)
-    lm, tokenizer = load_checked_model(model, dtype=dtype, device=device)
-    torch.manual_seed(seed)
+    lm, tokenizer = sampling.load(model, dtype=dtype, device=device)
     messages: list[dict] = []
     print(f"chatting with {model}; {EXIT} or end of input quits", file=sys.stderr)
     for line in sys.stdin:
@@ -53,8 +39,6 @@ def chat(
         if not text:
             continue
         messages.append({"role": "user", "content": text})
-        answer = complete(
-            lm, tokenizer, conversation_ids(tokenizer, messages), max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
-        )
+        answer = sampling.complete(lm, tokenizer, conversation_ids(tokenizer, messages))
         messages.append({"role": "assistant", "content": answer})
         print(answer, flush=True)
