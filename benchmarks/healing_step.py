@@ -6,18 +6,19 @@ quantisation, fp32 compute, no gradient checkpointing on either side), train on 
 batch of token blocks with the same AdamW + warm-up/cosine ``LambdaLR``, fp32, for the same
 number of optimizer steps. The Lightning side runs the way the healing recipes do (CSV and
 TensorBoard loggers, ``log_every_n_steps=1``, progress bar; checkpointing off, since the plain
-loop saves nothing either). Each side runs in its own process (so peak RSS is its own), the
-sides alternate (Lightning, plain, Lightning, …) for ``--repeats`` rounds.
+loop saves nothing either).
 
-Throughput counts the steps after ``--warmup`` untimed ones: tokens / (time of the last step's
-end - time of the last warm-up step's end), so everything between steps (data loading,
-logging, the optimizer and scheduler) is inside both. Peak RSS: the process maximum
-(``ru_maxrss``, includes loading) and the maximum sampled every 5 ms during the timed steps.
+Throughput: both sides in one process, their steps alternating (the plain step runs inside a
+Lightning callback and is timed apart), so both see the same load of the shared machine; a
+Lightning step is timed from the end of the previous plain step to its ``on_train_batch_end``,
+so data loading, logging and the progress bar are inside it. The first ``--warmup`` steps are
+not timed. Memory: each side alone in its own process, peak RSS as the process maximum
+(``ru_maxrss``, includes loading) and as the maximum sampled every 5 ms during the timed steps.
 
 Writes ``benchmarks/results/healing_step.json`` and the ``healing-step`` section of
 ``docs/results/peers.md``::
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/healing_step.py --repeats 3
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/healing_step.py
 """
 
 import argparse
@@ -68,7 +69,8 @@ def fixed_loader(vocab: int, batch_size: int, seq_len: int, steps: int, seed: in
     return torch.utils.data.DataLoader([batch] * steps, batch_size=None, shuffle=False)
 
 
-def lightning_side(args, loader) -> tuple[list[float], RssSampler]:
+def lightning_side(args, loader, after_step=None) -> tuple[list[float], RssSampler]:
+    """``HealingModule`` under a ``Trainer`` set up like the recipes'; ``after_step`` runs in ``on_train_batch_end``."""
     import lightning as L
 
     from lightning_prune.lightning_cli import run_loggers
@@ -82,6 +84,9 @@ def lightning_side(args, loader) -> tuple[list[float], RssSampler]:
             stamps.append(time.perf_counter())
             if len(stamps) == args.warmup:
                 sampler.start()
+            if after_step is not None:
+                after_step(batch)
+                stamps[-1] = (stamps[-1], time.perf_counter())  # (end of this step, start of the next one)
 
     module = HealingModule(model=args.model_dir, quantize="nf4" if args.kind == "qlora" else None, learning_rate=3e-4, warmup_steps=1)
     run_dir = Path(tempfile.mkdtemp(prefix="healing-step-"))
@@ -103,7 +108,8 @@ def lightning_side(args, loader) -> tuple[list[float], RssSampler]:
     return stamps, sampler
 
 
-def plain_side(args, loader) -> tuple[list[float], RssSampler]:
+def plain_setup(args):
+    """The same model, peft ``LoraConfig``, AdamW and schedule, by hand; returns ``step(batch)``."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -123,43 +129,76 @@ def plain_side(args, loader) -> tuple[list[float], RssSampler]:
     model = get_peft_model(model, config).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup_steps=1, total_steps=args.steps))
-    stamps: list[float] = []
-    sampler = RssSampler()
-    for batch in loader:
+
+    def step(batch: torch.Tensor) -> None:
         loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         loss.backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
+
+    return step
+
+
+def plain_side(args, loader) -> tuple[list[float], RssSampler]:
+    step = plain_setup(args)
+    stamps: list[float] = []
+    sampler = RssSampler()
+    for batch in loader:
+        step(batch)
         stamps.append(time.perf_counter())
         if len(stamps) == args.warmup:
             sampler.start()
     return stamps, sampler
 
 
+def memory_worker(args, loader) -> dict:
+    """One side alone in this process: its peak RSS (and its throughput, exposed to the machine's load)."""
+    stamps, sampler = (lightning_side if args.side == "lightning" else plain_side)(args, loader)
+    step_peak = sampler.stop()
+    seconds = stamps[-1] - stamps[args.warmup - 1]
+    tokens = (len(stamps) - args.warmup) * args.batch_size * args.seq_len
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"tokens_per_s": tokens / seconds, "steps": len(stamps), "peak_rss_mb": peak, "step_peak_rss_mb": step_peak}
+
+
+def interleaved_worker(args, loader) -> dict:
+    """Both sides in this process, steps alternating (Lightning, plain, Lightning, …).
+
+    A Lightning step is timed from the end of the previous plain step to its ``on_train_batch_end``
+    (so data loading, logging and the progress bar are inside it); the plain step right after it.
+    """
+    plain_step = plain_setup(args)
+    plain_seconds: list[float] = []
+
+    def after_step(batch: torch.Tensor) -> None:
+        start = time.perf_counter()
+        plain_step(batch)
+        plain_seconds.append(time.perf_counter() - start)
+
+    stamps, sampler = lightning_side(args, loader, after_step)
+    sampler.stop()
+    lightning_seconds = [end - previous[1] for previous, (end, _) in zip(stamps, stamps[1:])]
+    timed = slice(args.warmup - 1, None)  # step index args.warmup onwards (the first interval is step 1)
+    return {"lightning_step_seconds": lightning_seconds[timed], "plain_step_seconds": plain_seconds[args.warmup :]}
+
+
 def worker(args) -> None:
-    """One side, one process: prints a JSON line with its step times and memory."""
+    """One measurement in this process: prints a JSON line."""
     torch.manual_seed(args.seed)
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(args.model_dir).vocab_size
     loader = fixed_loader(vocab, args.batch_size, args.seq_len, args.steps, args.seed)
-    stamps, sampler = (lightning_side if args.side == "lightning" else plain_side)(args, loader)
-    step_peak = sampler.stop()
-    timed = len(stamps) - args.warmup
-    seconds = stamps[-1] - stamps[args.warmup - 1]
-    tokens = timed * args.batch_size * args.seq_len
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(
-        "RESULT " + json.dumps({"tokens_per_s": tokens / seconds, "steps": len(stamps), "peak_rss_mb": peak, "step_peak_rss_mb": step_peak})
-    )
+    result = interleaved_worker(args, loader) if args.side == "interleaved" else memory_worker(args, loader)
+    print("RESULT " + json.dumps(result))
 
 
-def run_worker(args, kind: str, side: str) -> dict:
+def run_worker(args, kind: str, side: str, steps: int) -> dict:
     command = [sys.executable, __file__, "--worker", "--side", side, "--kind", kind, "--model_dir", args.model_dir]
     command += [
         "--steps",
-        str(args.steps),
+        str(steps),
         "--warmup",
         str(args.warmup),
         "--batch_size",
@@ -181,15 +220,16 @@ def spread(values: list[float]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kinds", default="lora,qlora")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run, warm-up included")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps of the interleaved run, warm-up included")
+    parser.add_argument("--memory_steps", type=int, default=5, help="optimizer steps of each memory run")
+    parser.add_argument("--memory_rounds", type=int, default=1, help="rounds of one-side-per-process memory runs")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model_dir", help="a saved HF model (default: the demo model, saved to a temporary directory)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--side", choices=["lightning", "plain"], help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=["lightning", "plain", "interleaved"], help=argparse.SUPPRESS)
     parser.add_argument("--kind", choices=["lora", "qlora"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -202,26 +242,24 @@ def main() -> None:
         model.save_pretrained(args.model_dir)
         tokenizer.save_pretrained(args.model_dir)
         del model
-    runs = {kind: {"lightning": [], "plain": []} for kind in args.kinds.split(",")}
-    for repeat in range(args.repeats):
-        for kind in runs:
-            for side in ("lightning", "plain"):
-                runs[kind][side].append(run_worker(args, kind, side))
-                r = runs[kind][side][-1]
-                print(
-                    f"repeat {repeat} {kind:5s} {side:9s}: {r['tokens_per_s']:.1f} tok/s, peak RSS {r['peak_rss_mb']:.0f} MB (steps {r['step_peak_rss_mb']:.0f} MB)",
-                    flush=True,
-                )
     rows = {}
-    for kind, sides in runs.items():
-        pairs = list(zip(sides["lightning"], sides["plain"]))
+    for kind in args.kinds.split(","):
+        steps = run_worker(args, kind, "interleaved", args.steps)
+        ratios = [p / q for q, p in zip(steps["lightning_step_seconds"], steps["plain_step_seconds"])]
+        memory = {"lightning": [], "plain": []}
+        for _ in range(args.memory_rounds):
+            for side in memory:
+                memory[side].append(run_worker(args, kind, side, args.memory_steps))
+        pairs = list(zip(memory["lightning"], memory["plain"]))
         rows[kind] = {
-            "lightning": sides["lightning"],
-            "plain": sides["plain"],
-            "throughput_ratio": spread([a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs]),
+            **steps,
+            "step_ratio": spread(ratios),  # plain step time / Lightning step time, per adjacent pair
+            "throughput_ratio": sum(steps["plain_step_seconds"]) / sum(steps["lightning_step_seconds"]),
+            "memory_runs": memory,
             "peak_rss_ratio": spread([a["peak_rss_mb"] / b["peak_rss_mb"] for a, b in pairs]),
             "step_peak_rss_ratio": spread([a["step_peak_rss_mb"] / b["step_peak_rss_mb"] for a, b in pairs]),
         }
+        print(kind, json.dumps({k: rows[kind][k] for k in ("step_ratio", "throughput_ratio", "peak_rss_ratio")}), flush=True)
     write(args, rows)
 
 
@@ -239,25 +277,22 @@ def write(args, rows: dict) -> None:
         "versions": package_versions(),
     }
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(
-        json.dumps(
-            {k: {m: r[m]["median"] for m in ("throughput_ratio", "peak_rss_ratio", "step_peak_rss_ratio")} for k, r in rows.items()},
-            indent=2,
-        )
-    )
+    tokens = args.batch_size * args.seq_len
 
     def median(row, side, key):
-        return statistics.median(run[key] for run in row[side])
+        return statistics.median(run[key] for run in row["memory_runs"][side])
 
     table = []
     for kind, row in rows.items():
-        t, p, s = row["throughput_ratio"], row["peak_rss_ratio"], row["step_peak_rss_ratio"]
+        r, p, s = row["step_ratio"], row["peak_rss_ratio"], row["step_peak_rss_ratio"]
+        lightning = tokens / statistics.median(row["lightning_step_seconds"])
+        plain = tokens / statistics.median(row["plain_step_seconds"])
         table.append(
-            f"| {'LoRA' if kind == 'lora' else 'QLoRA (NF4)'} | {median(row, 'lightning', 'tokens_per_s'):.1f} | {median(row, 'plain', 'tokens_per_s'):.1f} "
-            f"| **{t['median']:.3f}** ({t['min']:.3f}–{t['max']:.3f}) | {median(row, 'lightning', 'peak_rss_mb'):.0f} / {median(row, 'plain', 'peak_rss_mb'):.0f} "
+            f"| {'LoRA' if kind == 'lora' else 'QLoRA (NF4)'} | {lightning:.1f} | {plain:.1f} | **{r['median']:.3f}** ({r['min']:.3f}–{r['max']:.3f}) "
+            f"| {row['throughput_ratio']:.3f} | {median(row, 'lightning', 'peak_rss_mb'):.0f} / {median(row, 'plain', 'peak_rss_mb'):.0f} "
             f"| {p['median']:.3f} | {median(row, 'lightning', 'step_peak_rss_mb'):.0f} / {median(row, 'plain', 'step_peak_rss_mb'):.0f} | {s['median']:.3f} |"
         )
-    tokens = args.batch_size * args.seq_len
+    timed = args.steps - args.warmup
     update_section(
         "peers",
         "healing-step",
@@ -265,19 +300,26 @@ def write(args, rows: dict) -> None:
 ## Healing step: `HealingModule` under Lightning vs plain peft (`benchmarks/healing_step.py`)
 
 SmolLM2-135M fp32, CPU ({result["settings"]["torch_threads"]} thread, shared 2-core machine), the same peft `LoraConfig`
-(rank 2, alpha 2, dropout 0.05, gate/up/down), the same fixed batch of {args.batch_size}×{args.seq_len} = {tokens} tokens,
-AdamW (lr 3e-4) + the same warm-up/cosine schedule, fp32, {args.steps} optimizer steps of which the first {args.warmup} are
-not timed; each side in its own process, alternating, {args.repeats} rounds (ratios per round: median and range).
-Lightning side as the recipes run it (CSV + TensorBoard loggers, `log_every_n_steps=1`, progress bar), checkpointing
-off on both sides. Target: throughput ratio ≥ 0.95.
+(rank 2, alpha 2, dropout 0.05, gate/up/down; QLoRA: NF4, double quantisation, fp32 compute, no gradient
+checkpointing on either side), the same fixed batch of {args.batch_size}×{args.seq_len} = {tokens} tokens, AdamW (lr 3e-4) + the
+same warm-up/cosine schedule, fp32. The Lightning side runs as the recipes do (CSV + TensorBoard loggers,
+`log_every_n_steps=1`, progress bar; checkpointing off on both sides).
 
-| | Lightning tok/s | plain tok/s | Lightning / plain (range) | peak RSS MB (process) L / plain | ratio | peak RSS MB (timed steps) L / plain | ratio |
-|---|---:|---:|---:|---:|---:|---:|---:|
+Throughput: both sides in one process, steps alternating (Lightning step, plain step, …; the plain loop runs inside a
+callback, outside the Lightning step's timing), {args.steps} steps each, the first {args.warmup} untimed, so both sides
+see the same load of the shared machine. "Step ratio" = plain step time / Lightning step time per adjacent pair
+(median and range of {timed} pairs; > 1: Lightning faster); "total" = summed plain / summed Lightning time. Memory: each side
+alone in its own process ({args.memory_rounds} round(s), {args.memory_steps} steps): the process's peak RSS (loading included; the
+QLoRA Lightning side quantises through a save/reload of the fp32 model) and the peak sampled during the timed steps.
+Target: throughput ratio ≥ 0.95.
+
+| | Lightning tok/s | plain tok/s | step ratio (range) | total | peak RSS MB (process) L / plain | ratio | peak RSS MB (timed steps) L / plain | ratio |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|
 {chr(10).join(table)}
 
 Command:
 
-    OMP_NUM_THREADS=1 python benchmarks/healing_step.py --repeats {args.repeats} --steps {args.steps} --warmup {args.warmup} --batch_size {args.batch_size} --seq_len {args.seq_len}
+    OMP_NUM_THREADS=1 python benchmarks/healing_step.py --steps {args.steps} --warmup {args.warmup} --memory_steps {args.memory_steps} --memory_rounds {args.memory_rounds} --batch_size {args.batch_size} --seq_len {args.seq_len}
 """,
     )
 
