@@ -16,7 +16,7 @@ load, and the process's peak RSS), the two tools alternating per configuration.
 Writes ``benchmarks/results/sparsity_vs_llmcompressor.json`` and the ``sparsity-vs-llmcompressor``
 section of ``docs/results/peers.md``::
 
-    OMP_NUM_THREADS=2 nice -n 10 .venv/bin/python benchmarks/sparsity_vs_llmcompressor.py --llmc_python /work/venv-llmc/bin/python
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/sparsity_vs_llmcompressor.py --llmc_python /work/venv-llmc/bin/python
 """
 
 import argparse
@@ -57,6 +57,7 @@ def package_worker(args, method: str, sparsity: float, allocation: str, structur
     start = time.perf_counter()
     stage.plan(model, blocks, progress=False)
     seconds = time.perf_counter() - start
+    shutil.copytree(args.model_dir, args.output, dirs_exist_ok=True)  # config and tokenizer; the weights are replaced
     model.save_pretrained(args.output)
     return seconds
 
@@ -97,6 +98,10 @@ def worker(args) -> None:
 
 
 def run_side(args, side: str, config: str, output: Path, calibration: Path, model_dir: Path) -> dict:
+    """Prune in a fresh process; a finished run already in ``output`` (``run.json``) is reused."""
+    record = output / "run.json"
+    if record.exists():
+        return json.loads(record.read_text())
     python = sys.executable if side == "package" else args.llmc_python
     command = [python, __file__, "--worker", "--side", side, "--config", config]
     command += ["--model_dir", str(model_dir), "--calibration", str(calibration), "--output", str(output)]
@@ -104,7 +109,8 @@ def run_side(args, side: str, config: str, output: Path, calibration: Path, mode
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         raise SystemExit(f"{side} {config} failed:\n{done.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    record.write_text(lines[-1][len("RESULT ") :])
+    return json.loads(record.read_text())
 
 
 def evaluate(args, model_dir: Path) -> dict:
@@ -216,7 +222,7 @@ def write(args, rows: dict, versions: list[str]) -> None:
         f"""
 ## Sparsity: `sparsify` vs llm-compressor (`benchmarks/sparsity_vs_llmcompressor.py`)
 
-SmolLM2-135M fp32, CPU (shared 2-core machine). Same plain HF directory, the same
+SmolLM2-135M fp32, CPU ({torch.get_num_threads()} thread(s), shared 2-core machine). Same plain HF directory, the same
 {args.calibration_samples}×{args.seq_len} C4 calibration blocks (token ids saved once, read by both), decoder projections only
 (`lm_head` kept), evaluation by `lightning-prune evaluate` on {args.eval_samples} blocks of {args.seq_len} tokens per source
 (dense: {", ".join(f"{k} {dense[k]:.2f}" for k in keys)}). llm-compressor {versions[0] if versions else "?"} (transformers
@@ -230,7 +236,7 @@ llm-compressor, perplexity package / llm-compressor (< 1: package better).
 
 Command:
 
-    OMP_NUM_THREADS=2 python benchmarks/sparsity_vs_llmcompressor.py --configs {args.configs} --calibration_samples {args.calibration_samples} --seq_len {args.seq_len} --eval_samples {args.eval_samples}
+    OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/sparsity_vs_llmcompressor.py --configs {args.configs} --calibration_samples {args.calibration_samples} --seq_len {args.seq_len} --eval_samples {args.eval_samples}
 """,
     )
 
