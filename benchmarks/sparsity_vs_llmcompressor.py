@@ -164,11 +164,16 @@ def main() -> None:
         )
         torch.save(blocks, calibration)
         del model
-    versions = subprocess.run(
-        [args.llmc_python, "-c", "import llmcompressor, transformers; print(llmcompressor.__version__, transformers.__version__)"],
-        capture_output=True,
-        text=True,
-    ).stdout.split()
+    versions = (
+        subprocess.run(
+            [args.llmc_python, "-c", "import llmcompressor, transformers; print(llmcompressor.__version__, transformers.__version__)"],
+            capture_output=True,
+            text=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1:]
+    )  # the last line: llm-compressor may log on import
+    versions = versions[0].split() if versions else []
     rows = {"dense": {"eval": evaluate(args, model_dir)}}
     print("dense", rows["dense"]["eval"].get("perplexity", rows["dense"]["eval"]), flush=True)
     for config in args.configs.split(","):
@@ -211,7 +216,7 @@ def write(args, rows: dict, versions: list[str]) -> None:
         pp, cp = perplexities(p["eval"]), perplexities(c["eval"])
         table.append(
             f"| {config} | {p['seconds']:.1f} / {c['seconds']:.1f} | **{c['seconds'] / p['seconds']:.2f}** | {p['peak_rss_mb']:.0f} / {c['peak_rss_mb']:.0f} "
-            f"| {p['peak_rss_mb'] / c['peak_rss_mb']:.2f} | {p['sparsity']:.3f} / {c['sparsity']:.3f} "
+            f"| {p['peak_rss_mb'] / c['peak_rss_mb']:.2f} | {p['sparsity']:.3f} / {c['sparsity']:.3f} | "
             + " | ".join(f"{pp[k]:.2f} / {cp[k]:.2f} ({pp[k] / cp[k]:.3f})" for k in sorted(pp))
             + " |"
         )
