@@ -19,6 +19,7 @@ TOPICS = {
     "sparsity": "Non-uniform layerwise sparsity",
     "healing": "Healing after pruning",
     "usability": "Command-line start-up",
+    "peers": "Against the tools users would pick instead",
 }
 INTRO = """# Results
 
@@ -33,7 +34,8 @@ bundled C4 file, which calibration also drew from; since then C4 evaluation uses
 documents and calibration its first 500.
 
 Sections: [pruning and compensation](results/pruning.md) · [CoMe merging and distillation](results/merging.md) ·
-[DLP/OWL sparsity](results/sparsity.md) · [LoRA/QLoRA healing](results/healing.md) · [start-up](results/usability.md)
+[DLP/OWL sparsity](results/sparsity.md) · [LoRA/QLoRA healing](results/healing.md) · [start-up](results/usability.md) ·
+[against peers](results/peers.md)
 """
 
 
