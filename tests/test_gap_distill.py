@@ -172,3 +172,70 @@ def test_fit_prune_gap_then_teacher_lora_saves_what_plain_transformers_loads(tin
     plan = json.loads((tmp_path / "decisions.json").read_text())
     assert [d["kind"] for d in plan["decisions"]] == ["prune", "distill_gap"]
     assert (tmp_path / "decisions.safetensors").is_file()
+
+
+class ThreadRanks:
+    """``reduce`` for ranks run as threads in lockstep: each call returns the sum over ranks."""
+
+    def __init__(self, world: int):
+        import threading
+
+        self.barrier, self.slots, self.world = threading.Barrier(world), [None] * world, world
+
+    def reduce_for(self, rank: int):
+        def reduce(tensor):
+            self.slots[rank] = tensor.detach().clone()
+            self.barrier.wait()
+            total = sum(self.slots)
+            self.barrier.wait()
+            return total
+
+        return reduce
+
+
+def test_rank_shards_with_summed_gradients_equal_one_process():
+    import threading
+
+    dense = make_tiny_model("llama")
+    blocks = random_ids(8, 16, seed=6)
+    shards = [blocks[0::2], blocks[1::2]]  # what StageCallback gives each of 2 ranks
+    settings = dict(steps=6, lr=3e-3)
+
+    def gap_weights(model, stage, data, reduce):
+        stage.observe(model, data)
+        prune = PruneStage(layers=[2]).plan(model, None, progress=False)
+        stage.follow([prune])
+        return stage.plan(model, data, reduce=reduce, progress=False).tensors()
+
+    ranks, results = ThreadRanks(2), [None, None]
+
+    def rank(r):
+        results[r] = gap_weights(copy.deepcopy(dense), GapDistillStage(batch_size=2, **settings), shards[r], ranks.reduce_for(r))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # one process, batches of 4 = rank 0's batch of 2 and rank 1's batch of 2, in the same order
+    joined = torch.cat([shards[0][:2], shards[1][:2], shards[0][2:], shards[1][2:]])
+    single = gap_weights(copy.deepcopy(dense), GapDistillStage(batch_size=4, **settings), joined, lambda t: t)
+    assert results[0].keys() == single.keys() and any(k.startswith("layers.2.") for k in single)
+    for key, value in single.items():
+        assert torch.equal(results[0][key], results[1][key]), key  # every rank took the same steps
+        torch.testing.assert_close(results[0][key], value, rtol=0, atol=1e-5)
+
+
+def test_recipe_plans_prune_then_gap_distillation(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(
+        capsys, "fit", "--config", "prune_gap_heal", "--run_dir", out, "--model.init_args.model", tiny_dir,
+        "--prune.num_layers", "2", "--distill_gap.steps", "3", "--data.init_args.seq_len", "32",
+        "--data.init_args.calibration_samples", "4", "--dry_run", "true",
+    )  # fmt: skip
+    assert code == 0, err
+    plan = json.loads((out / "decisions.json").read_text())
+    assert [d["kind"] for d in plan["decisions"]] == ["prune", "distill_gap"]
+    gap = plan["decisions"][1]
+    assert gap["settings"]["loss"] == "mse_norm" and gap["settings"]["layers_after"] == 1 and gap["windows"]
+    assert "distill_gap: trained layers" in stdout
