@@ -87,7 +87,7 @@ def test_decision_replays_through_decisions_files(tmp_path):
     dense = make_tiny_model("qwen2")
     model = copy.deepcopy(dense)
     blocks = random_ids(8, 16, seed=3)
-    decisions = run_stages(model, [PruneStage(layers=[1, 4]), GapDistillStage(layers_before=1, **FAST)], blocks)
+    decisions = run_stages(model, [PruneStage(layers=[1, 4]), GapDistillStage(layers_before=1, steps=8, lr=3e-3)], blocks)
     (tmp_path / "decisions.json").write_text(json.dumps(plan_json(decisions, {}, None)))
     save_file(plan_tensors(decisions), tmp_path / "decisions.safetensors")
     replayed, _ = read_plan(tmp_path)

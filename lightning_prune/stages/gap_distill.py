@@ -294,7 +294,7 @@ class GapDistillDecision(Decision):
         loss = self.record["settings"]["loss"]
         if not windows:
             return "distill_gap: no gaps, nothing trained"
-        change = sum(w["loss_after"] for w in windows) / sum(w["loss_before"] for w in windows) if windows else 1.0
+        change = sum(w["loss_after"] for w in windows) / max(sum(w["loss_before"] for w in windows), 1e-12)
         return f"distill_gap: trained layers {trained} next to {len(windows)} gap(s) ({loss}, loss x{change:.2f})"
 
     def signature(self) -> str:
