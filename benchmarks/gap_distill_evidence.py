@@ -49,7 +49,9 @@ def markdown(record: dict) -> str:
         "magnitude compensation folded in, then `distill_gap` (loss `mse_norm`, batch 2 blocks, AdamW, cosine decay) on "
         "WikiText-2-valid calibration blocks of 128 tokens (seed 0); no LoRA. Evaluation: the first "
         f"{s['eval_samples']} × 128 blocks of WikiText-2 test (in domain) and of the bundled C4 sample (out of domain). "
-        "Gap loss = mean `mse_norm` over the calibration blocks before → after, summed over the windows. CPU, 2 shared cores.",
+        "Gap loss = mean `mse_norm` over the calibration blocks before → after training, summed over the windows (a deeper "
+        "window's before is taken after the shallower windows trained, so it differs between rows). Stage s = the gap stage "
+        "(teacher capture + training) or the compensation, on a 2-core CPU shared with other jobs (load ≈ 7).",
         "",
         "| row | calibration tokens | settings | trained layers | gap loss | stage s | PPL WikiText-2 | PPL C4 |",
         "|---|---:|---|---|---|---:|---:|---:|",
