@@ -7,7 +7,8 @@ Every row is a shipped recipe run in-process through ``lightning_prune.cli.main`
 2b. dense + LoRA r8 on every projection (the control of the ``prune_distill_heal`` LoRA);
 3. iterative Block Influence removal of 7 layers, no repair; 4. + magnitude compensation;
 5. + compensation + LM-loss LoRA (``prune_heal``); 6. + compensation + teacher-distillation LoRA
-(``prune_distill_heal``, the full pipeline); 7. CoMe merge of 7 layers (``come_sp``), no repair;
+(``prune_distill_heal``); 4g / 6g. the same with gap distillation between compensation and LoRA
+(``prune_gap_heal``: its ``after distill_gap`` and ``after training`` entries); 7. CoMe merge of 7 layers (``come_sp``), no repair;
 8. CoMe + layerwise distillation (sp, ``mse_norm``); 9. CoMe + layerwise distillation (``kl_raw``).
 
 Every healed row trains on the same WikiText-2-valid tokens (``--steps`` optimizer steps x 16
@@ -39,6 +40,7 @@ RUNS = {  # key -> recipe flags (besides the shared budget and evaluation flags)
     "bi_none": ["--config", "prune_heal", "--prune.compensation", "none", "--trainer.max_steps", "1", "--trainer.val_check_interval", "1"],
     "bi_lora": ["--config", "prune_heal"],
     "bi_distill": ["--config", "prune_distill_heal"],
+    "bi_gap": ["--config", "prune_gap_heal"],
     "come_mse": ["--config", "come_sp", "--model.init_args.loss", "mse_norm", "--model.init_args.learning_rate", "1e-3"],
     "come_kl": ["--config", "come_sp", "--model.init_args.loss", "kl_raw", "--model.init_args.learning_rate", "1e-3"],
 }
@@ -51,6 +53,8 @@ ROWS = [
     ("4", "bi_lora", "after prune", "control_r2", "+ magnitude compensation"),
     ("5", "bi_lora", "after training", "control_r2", "+ compensation + LM-loss LoRA r2 (`prune_heal`)"),
     ("6", "bi_distill", "after training", "control_r8", "+ compensation + teacher-KL LoRA r8 (`prune_distill_heal`)"),
+    ("4g", "bi_gap", "after distill_gap", "control_r2", "+ compensation + gap distillation (`distill_gap`), no LoRA"),
+    ("6g", "bi_gap", "after training", "control_r8", "+ compensation + gap distillation + teacher-KL LoRA r8 (`prune_gap_heal`)"),
     ("7", "come_mse", "after merge", "control_r2", "CoMe merge, {n} layers merged away, no repair"),
     ("8", "come_mse", "after training", "control_r2", "CoMe + layerwise distillation sp, `mse_norm`, lr 1e-3"),
     ("9", "come_kl", "after training", "control_r2", "CoMe + layerwise distillation sp, `kl_raw`, lr 1e-3"),
@@ -188,7 +192,7 @@ def run(args: argparse.Namespace, key: str) -> dict:
     }
 
 
-STAGE_ENTRIES = ("after prune", "after merge")
+STAGE_ENTRIES = ("after prune", "after merge", "after distill_gap")
 
 
 def rows(runs: dict, num_layers: int) -> list[dict]:
@@ -243,7 +247,15 @@ def verdict(by_row: dict) -> list[str]:
         )
 
     pipeline = checked(
-        [("3", "4", "compensation"), ("4", "5", "LM-loss LoRA"), ("4", "6", "teacher-KL LoRA"), ("5", "6", "teacher KL instead of LM loss")]
+        [
+            ("3", "4", "compensation"),
+            ("4", "5", "LM-loss LoRA"),
+            ("4", "6", "teacher-KL LoRA"),
+            ("5", "6", "teacher KL instead of LM loss"),
+            ("4", "4g", "gap distillation"),
+            ("4g", "6g", "teacher-KL LoRA after gap distillation"),
+            ("6", "6g", "gap distillation before the LoRA"),
+        ]
     )
     if pipeline:
         lines.append(line("Each repair step of the prune pipeline lowering C4 perplexity over the step before it", pipeline))
@@ -296,8 +308,9 @@ def markdown(record: dict) -> str:
             f"{key} removed `{d['removed_layers']}`"
             if "removed_layers" in d
             else f"{key} merged `{[g for g in d['groups'] if len(g) > 1]}`"
-            for key in ("bi_none", "bi_lora", "bi_distill", "come_mse")
+            for key in ("bi_none", "bi_lora", "bi_distill", "bi_gap", "come_mse")
             for d in budget["runs"].get(key, {}).get("decisions", [])
+            if "removed_layers" in d or "groups" in d
         ]
         if removed:
             lines += [

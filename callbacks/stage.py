@@ -24,6 +24,7 @@ Lightning loads next fits. ``checkpoint["decisions"]`` is written by ``on_save_c
 """
 
 import time
+from dataclasses import asdict
 
 import lightning as L
 import torch
@@ -184,10 +185,14 @@ class StageCallback(L.Callback):
         model = pl_module.model
         before = model_summary(model)
         self._measure(trainer, model, _tokenizer(pl_module), "dense")
-        decisions, blocks = [], None
+        decisions = []
+        blocks = self._calibration(trainer) if any(stage.needs_calibration() for stage in self.stages) else None
+        for stage in self.stages:  # a stage that needs the unchanged model (a dense teacher) sees it now
+            stage.observe(
+                model, self._shard(trainer, blocks, stage) if stage.needs_calibration() else None, progress=trainer.is_global_zero
+            )
         for stage in self.stages:
-            if stage.needs_calibration() and blocks is None:
-                blocks = self._calibration(trainer)
+            stage.follow(decisions)
             start = time.perf_counter()
             decision = stage.plan(
                 model,
@@ -228,7 +233,7 @@ class StageCallback(L.Callback):
         settings = {
             "run_dir": str(self.run(trainer).path),
             "model": self.source,
-            "stages": [{"name": s.name, **vars(s)} for s in self.stages],
+            "stages": [{"name": s.name, **asdict(s)} for s in self.stages],
             "evaluation": self.evaluation.settings() if self.evaluation else None,
         }
         self.run(trainer).write_json("metrics.json", {**self.results, "settings": settings, "versions": package_versions()})

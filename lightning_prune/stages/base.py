@@ -14,10 +14,15 @@ A :class:`Decision` is data that knows how to act without calibration data:
 - ``constrain(model)`` keeps a training step inside the decision (sparsity re-masks trainable weights);
 - ``on_export(model)`` fixes up an exported model (sparsity re-applies its masks after a LoRA merge);
 - ``on_save(model, directory)`` rewrites the saved files (sparsity's compressed-tensors export).
+
+A stage that needs the model as it was before any stage (a dense teacher) or the earlier
+decisions implements ``observe(model, calibration)`` (called once, on the unchanged model,
+before the first stage plans) and ``follow(decisions)`` (called right before its ``plan``);
+``follows`` names the stages one of which must come before it.
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
@@ -91,6 +96,8 @@ class Stage(ABC):
     name: ClassVar[str]
     shards_calibration: ClassVar[bool] = False
     """Whether its statistics are sums that ranks can compute on shards and all-reduce."""
+    follows: ClassVar[tuple[str, ...]] = ()
+    """Stage names one of which must come before this stage (empty: no requirement)."""
 
     @abstractmethod
     def check(self, config) -> None:
@@ -99,6 +106,12 @@ class Stage(ABC):
     @abstractmethod
     def needs_calibration(self) -> bool:
         """Whether :meth:`plan` needs calibration token blocks."""
+
+    def observe(self, model: nn.Module, calibration: torch.Tensor | None, *, progress: bool = True) -> None:
+        """See the model before the first stage changes it, on this stage's calibration blocks (default: nothing)."""
+
+    def follow(self, decisions: Sequence[Decision]) -> None:
+        """Receive the decisions of the stages before this one, right before :meth:`plan` (default: nothing)."""
 
     @abstractmethod
     def plan(

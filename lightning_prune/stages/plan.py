@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_prune.errors import InputError, MissingInputError
 from lightning_prune.stages.base import Decision, Stage
+from lightning_prune.stages.gap_distill import GapDistillDecision, GapDistillStage
 from lightning_prune.stages.merge import MergeDecision, MergeStage
 from lightning_prune.stages.prune import PruneDecision, PruneStage
 from lightning_prune.stages.sparsify import SparsifyStage, SparsityDecision
@@ -44,8 +45,13 @@ __all__ = [
 ]
 CHECKPOINT_KEY = "decisions"
 
-STAGES: dict[str, type[Stage]] = {"prune": PruneStage, "merge": MergeStage, "sparsify": SparsifyStage}
-DECISIONS: dict[str, type[Decision]] = {"prune": PruneDecision, "merge": MergeDecision, "sparsify": SparsityDecision}
+STAGES: dict[str, type[Stage]] = {"prune": PruneStage, "merge": MergeStage, "sparsify": SparsifyStage, "distill_gap": GapDistillStage}
+DECISIONS: dict[str, type[Decision]] = {
+    "prune": PruneDecision,
+    "merge": MergeDecision,
+    "sparsify": SparsityDecision,
+    "distill_gap": GapDistillDecision,
+}
 PLAN_NAME, PLAN_TENSORS_NAME, PLAN_FORMAT = "decisions.json", "decisions.safetensors", 1
 _FINGERPRINT_KEYS = (
     "model_type",
@@ -66,8 +72,10 @@ def fingerprint(config) -> dict:
 def check_stages(stages: Sequence[Stage], config):
     """Validate a stage list in order against ``config`` (before any weight loads); return the final config.
 
-    Refused: the same stage twice (combine them into one), and layer removal or merging after
-    sparsity (its masks are keyed by layer position and would describe other layers).
+    Refused: the same stage twice (combine them into one), layer removal, merging or gap
+    distillation after sparsity (its masks are keyed by layer position and would describe other
+    layers, or be filled in by training), and a stage without one of the stages it ``follows``
+    before it (gap distillation needs a prune or merge).
     """
     names = [stage.name for stage in stages]
     for name in set(names):
@@ -75,8 +83,13 @@ def check_stages(stages: Sequence[Stage], config):
             raise InputError(
                 f"stage {name!r} appears {names.count(name)} times; give each stage once (one stage can remove several layers)"
             )
-    if "sparsify" in names and any(n in ("prune", "merge") for n in names[names.index("sparsify") + 1 :]):
-        raise InputError(f"stage order {names} removes or merges layers after sparsify; put sparsify last (its masks are per layer)")
+    if "sparsify" in names and any(n in ("prune", "merge", "distill_gap") for n in names[names.index("sparsify") + 1 :]):
+        raise InputError(
+            f"stage order {names} removes or merges layers after sparsify (or retrains them); put sparsify last (its masks are per layer)"
+        )
+    for index, stage in enumerate(stages):
+        if stage.follows and not set(stage.follows) & set(names[:index]):
+            raise InputError(f"stage {stage.name!r} needs one of {', '.join(stage.follows)} before it (stage order {names})")
     current = copy.deepcopy(config)
     for stage in stages:
         current = stage.check(current)
