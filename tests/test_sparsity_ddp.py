@@ -87,7 +87,7 @@ def run_ranks(tmp_path: Path, timeout: int = 240) -> list[dict]:
                 os.killpg(other.pid, signal.SIGKILL)
             pytest.fail(f"{WORLD}-process sparsity calibration did not finish in {timeout} s")
         assert process.returncode == 0, stderr[-3000:]
-    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
+    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
 
 
 def test_two_ranks_choose_the_masks_of_one_process_on_all_blocks(tmp_path):
