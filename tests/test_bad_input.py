@@ -16,7 +16,7 @@ from pathlib import Path
 
 import lightning  # noqa: F401  (imported before any output is captured: its log handler keeps the real stream)
 import pytest
-from conftest import make_tiny_model, run_cli
+from conftest import assert_one_line_error, make_tiny_model, run_cli
 
 from lightning_prune.commands import COMMANDS
 from lightning_prune.run_state import MARKER
@@ -351,6 +351,12 @@ def test_a_killed_prune_is_cleaned_and_rerun_by_the_same_command(capsys, world, 
             shutil.rmtree(out)
             delay /= 2
         assert process.returncode == -signal.SIGKILL
+        if out.exists() and not (out / MARKER).exists() and (out / "metrics.json").exists():
+            # killed after the run had finished its results: they are whole, so the same command
+            # refuses to replace them (one line) and --overwrite replaces them
+            code, _, err = run_cli(capsys, *command[3:])
+            assert_one_line_error(code, err, "already holds results")
+            command = [*command, "--overwrite"]
     code, _, err = run_cli(capsys, *command[3:])
     assert code == 0, err
     assert _leftovers(out) == []
