@@ -3,18 +3,13 @@
 import copy
 import json
 
-import lightning as L
 import pytest
 import torch
 from conftest import assert_one_line_error, make_tiny_model, random_ids, run_cli
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
 
-from lightning_prune.callbacks import StageCallback
-from lightning_prune.data.datamodule import TextDataModule
 from lightning_prune.errors import InputError
 from lightning_prune.merging.distill import distillation_loss, layer_outputs
-from lightning_prune.model.anatomy import Anatomy
 from lightning_prune.modules.healing import HealingModule
 from lightning_prune.stages import GapDistillStage, MergeStage, PruneStage, SparsifyStage
 from lightning_prune.stages.gap_distill import gap_windows, layer_spans
@@ -144,31 +139,15 @@ def test_cli_refuses_bad_loss_in_one_line(tiny_dir, tmp_path, capsys):
 
 
 def test_fit_prune_gap_then_teacher_lora_saves_what_plain_transformers_loads(tiny_dir, tmp_path):
-    L.seed_everything(0)
+    from test_compositions import assert_saved_equals_live, fit
+
     module = HealingModule(
         model=str(tiny_dir), lora_dropout=0.0, learning_rate=1e-2, warmup_steps=1, target_modules=["q_proj", "down_proj"], distill={}
     )
-    callback = StageCallback([PruneStage(num_layers=2, compensation="magnitude"), GapDistillStage(steps=5)], run_dir=str(tmp_path))
-    data = TextDataModule(tokenizer=str(tiny_dir), seq_len=32, num_train_samples=8, calibration_samples=4, batch_size=2)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, datamodule=data)
+    callback = fit(tiny_dir, tmp_path, module, [PruneStage(num_layers=2, compensation="magnitude"), GapDistillStage(steps=5)])
     assert [d.kind for d in callback.decisions] == ["prune", "distill_gap"]
     assert callback.decisions[1].record["windows"]
-    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
-    live = callback.export(module).eval()
-    assert Anatomy(saved).num_layers == 4
-    ids = random_ids(2, 16, seed=5)
-    with torch.no_grad():
-        torch.testing.assert_close(saved(input_ids=ids).logits, live(input_ids=ids).logits, rtol=0, atol=1e-5)
+    assert_saved_equals_live(tmp_path, callback, module, layers=4)
     plan = json.loads((tmp_path / "decisions.json").read_text())
     assert [d["kind"] for d in plan["decisions"]] == ["prune", "distill_gap"]
     assert (tmp_path / "decisions.safetensors").is_file()
