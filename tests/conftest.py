@@ -1,4 +1,9 @@
-"""Tiny random models, one per supported family, and a tiny tokenizer trained offline."""
+"""Tiny random models, one per supported family, a tiny tokenizer trained offline, and process helpers."""
+
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -47,6 +52,46 @@ TINY_CONFIGS = {
     ),
 }
 FAMILY_NAMES = [name for name in TINY_CONFIGS if name != "llama_tied"]
+
+# Set by Lightning's launcher in the process that launches (also a one-device FSDP/DDP run that then
+# fails); a process started with LOCAL_RANK believes it is a launched rank and starts no others.
+LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Whatever a test (or the library code it runs in-process) sets in os.environ is undone after it."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def launch(command: list, timeout: int = 300, **env) -> str:
+    """Run a script that starts its own ranks; return its stderr, failing the test on a non-zero exit or a timeout.
+
+    The environment is this one without distributed launch variables, plus ``env`` (one OpenMP
+    thread per rank unless given). The script runs in its own process group, so a timeout also
+    ends the ranks Lightning's launcher started instead of leaving them waiting.
+    """
+    environment = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARIABLES}
+    environment.update({"OMP_NUM_THREADS": "1", **env})
+    process = subprocess.Popen(
+        [sys.executable, *map(str, command)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        pytest.fail(f"{command[0]} did not finish in {timeout} s:\n{stderr[-3000:]}")
+    assert process.returncode == 0, stderr[-3000:]
+    return stderr
 
 
 def make_tiny_model(name: str, seed: int = 0):

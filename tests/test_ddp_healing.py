@@ -8,14 +8,11 @@ evaluation on (rank 0 measures, the others wait), which must finish rather than 
 """
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+from conftest import launch
 
 HERE = Path(__file__).resolve()
 STEPS = 3
@@ -80,17 +77,7 @@ def train(model_dir: str, devices: int, output: str, evaluate: bool = False, spa
 
 def run(model_dir: Path, devices: int, output: Path, evaluate: bool = False, timeout: int = 300, mode: str = "plain") -> list[dict]:
     output.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(HERE), str(model_dir), str(devices), str(output), "eval" if evaluate else mode]
-    # its own process group, so a timeout also ends the rank Lightning's launcher started
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        _, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:  # a rank waiting forever on another fails the test instead of hanging
-        os.killpg(process.pid, signal.SIGKILL)
-        _, stderr = process.communicate()
-        pytest.fail(f"{devices}-process run did not finish in {timeout} s:\n{stderr[-3000:]}")
-    assert process.returncode == 0, stderr[-3000:]
+    launch([HERE, model_dir, devices, output, "eval" if evaluate else mode], timeout=timeout)
     return [torch.load(output / f"rank{rank}.pt", weights_only=True) for rank in range(devices)]
 
 

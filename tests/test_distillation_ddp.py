@@ -4,11 +4,11 @@ The test runs this file as a script twice (``devices`` 1 and 2): Lightning's DDP
 starts the second rank by re-running the same command line.
 """
 
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from conftest import launch
 from safetensors.torch import load_file
 
 HERE = Path(__file__).resolve()
@@ -65,10 +65,7 @@ def train(model_dir: str, devices: int, output: str) -> None:
 
 def run(model_dir: Path, devices: int, output: Path) -> list[dict]:
     output.mkdir()
-    result = subprocess.run(
-        [sys.executable, str(HERE), str(model_dir), str(devices), str(output)], timeout=300, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch([HERE, model_dir, devices, output])
     return [torch.load(output / f"student-rank{rank}.pt", weights_only=True) for rank in range(devices)]
 
 

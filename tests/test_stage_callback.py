@@ -2,15 +2,13 @@
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import make_tiny_model, random_ids
+from conftest import launch, make_tiny_model, random_ids
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
@@ -206,9 +204,7 @@ DDP_SCRIPT = textwrap.dedent(
 def test_ddp_ranks_score_their_shards_reduce_and_agree(tmp_path, metric):
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT.format(tests=str(TESTS), out=str(tmp_path), metric=metric))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
-    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch([script], PYTHONPATH=str(TESTS))
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0]["removed"] == ranks[1]["removed"] and len(ranks[0]["removed"]) == 2
     assert ranks[0]["scores"] == ranks[1]["scores"]
