@@ -5,7 +5,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lightning_prune.importance.base import ScoringOptions, batches_of, check_blocks, evaluating, trainable_layers
+from lightning_prune.importance.layerwise import layer_gradients
 from lightning_prune.importance.taylor import token_loss_sum
+from lightning_prune.onload import active_onloader
 
 __all__ = ["gradient", "block_gradient_norms"]
 
@@ -19,6 +21,15 @@ def block_gradient_norms(model: nn.Module, block: torch.Tensor, flat: list[nn.Pa
         flat: every layer's parameters, layer after layer.
         sizes: how many entries of ``flat`` belong to each layer.
     """
+    if active_onloader(model) is not None:  # layers go home after their forward: differentiate layer by layer
+        per_layer = torch.zeros(len(sizes))
+        count = block.numel() - 1
+
+        def receive(position: int, grads: list[torch.Tensor]) -> None:
+            per_layer[position] = sum(float(g.float().norm()) for g in grads) / count
+
+        layer_gradients(model, block[None], lambda position, layer: list(layer.parameters()), receive)
+        return per_layer
     loss, count = token_loss_sum(model, block[None])
     norms = torch.stack([g.float().norm() for g in torch.autograd.grad(loss / count, flat)])
     return torch.stack([chunk.sum() for chunk in torch.split(norms, sizes)]).cpu()

@@ -33,6 +33,7 @@ from torch import nn
 
 from lightning_prune.errors import InputError
 from lightning_prune.model.anatomy import Anatomy
+from lightning_prune.onload import settle
 
 __all__ = [
     "MERGE_FAMILIES",
@@ -263,6 +264,7 @@ def concat_merge(
     """
     check_merge_support(model)
     check_norm_options(norm_rule, parts)
+    settle(model)  # onloaded: every layer of the window in host memory before their weights mix
     anatomy = Anatomy(model)
     attention_ratios, ffn_ratios = _part_ratios(ratios, parts)
     new = copy.deepcopy(layers[0])
@@ -283,6 +285,7 @@ def sum_merge(
     check_merge_support(model)
     if (norm_rule, parts) != ("mean", "both"):
         raise InputError("sum-merge averages every parameter by ratio; norm_rule and parts apply to come and come_p only")
+    settle(model)
     new = copy.deepcopy(layers[0])
     sources = [dict(layer.named_parameters()) for layer in layers]
     for name, parameter in new.named_parameters():

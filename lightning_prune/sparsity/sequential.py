@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from lightning_prune.capture import LayerInputs, capture_layer_inputs, run_layers
 from lightning_prune.errors import InputError
 from lightning_prune.model.anatomy import Anatomy
+from lightning_prune.onload import onloaded
 from lightning_prune.sparsity.allocation import (
     OWL_OUTLIER_MULTIPLE,
     allocate,
@@ -187,6 +188,7 @@ def _prune_layers(model, inputs, method, targets, masks, progress, options, redu
     anatomy = Anatomy(model)
     hidden = inputs.hidden if inputs is not None else None
     for position in tqdm(range(anatomy.num_layers), desc=f"{method} pruning", disable=not progress, leave=False):
+        onloaded(model, anatomy.layers[position])  # onloaded model: the masks are chosen on the compute device
         linears = _linears(anatomy, position)
         stats = None
         if method != "magnitude":

@@ -1,0 +1,257 @@
+"""Layer-wise onloading: decoder layers live off the compute device, one is brought in at a time.
+
+``onload: layer`` keeps every decoder layer's weights in host memory (or, with an
+``offload_dir``, in memory-mapped safetensors files there) and puts only the embeddings, the
+final norm, the LM head and the layer that is running on the compute device. A forward
+pre-hook on each layer brings it in (a copy of its tensors on the device) and sends the layer
+that was there before home, so device memory is about one layer + its activations + the
+resident parts, whatever the depth.
+
+The layer that ran last stays on the device until another one is needed: a layer-sequential
+algorithm (Wanda / SparseGPT calibration, CoMe statistics) runs a layer over every batch and
+edits its weights there before moving on, at one transfer each way per layer. Code that mixes
+several layers' weights (CoMe's merge) calls :func:`settle` first, so every layer is home.
+
+Sending a layer home copies its (possibly edited) tensors back into host memory; with an
+``offload_dir`` a layer whose tensors changed is written to a new safetensors file there and
+mapped back (unchanged layers are just dropped from the device), so host memory holds no
+layer's weights: the mappings are page cache the OS can reclaim. Tensors are assigned through
+``tensor.data`` so that parameter objects (and everything that refers to them) stay the same.
+
+Gradients through an onloaded stack need :func:`lightning_prune.importance.layerwise.layer_gradients`
+(a layer's backward must run while it is on the device, so the stack is differentiated layer by
+layer from stored layer inputs); a plain ``backward()`` would read layers that went home.
+"""
+
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightning_prune.errors import InputError
+from lightning_prune.model.anatomy import Anatomy
+
+__all__ = ["ONLOAD_MODES", "LayerOnloader", "active_onloader", "check_onload", "onloading", "settle", "onloaded"]
+
+ONLOAD_MODES = ("none", "layer")
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, LayerOnloader]" = weakref.WeakKeyDictionary()
+
+
+def check_onload(onload: str, offload_dir: str | None = None, option: str = "onload") -> None:
+    """``onload`` must be none or layer; an ``offload_dir`` only goes with ``onload: layer``."""
+    if onload not in ONLOAD_MODES:
+        raise InputError(f"{option} {onload!r} is not known; choose one of {', '.join(ONLOAD_MODES)}")
+    if offload_dir and onload != "layer":
+        raise InputError(f"offload_dir {offload_dir!r} keeps onloaded layers on disk; it needs {option} layer")
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer of ``module`` (shared ones once)."""
+    seen, found = set(), []
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            found.append(tensor)
+    return found
+
+
+class _DiskHome:
+    """Where an offloaded layer's tensors live on disk: one safetensors file per version, memory-mapped."""
+
+    def __init__(self, offload_dir: str):
+        Path(offload_dir).mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=".onload-", dir=offload_dir))
+        self.writes = 0
+
+    def store(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Write ``tensors`` to a new file (temporary name, then rename); return memory-mapped views of them."""
+        from safetensors.torch import load_file, save_file
+
+        self.writes += 1
+        final = self.path / f"layer-{self.writes:06d}.safetensors"
+        temporary = final.with_suffix(".partial")
+        save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(tensors)}, str(temporary))
+        os.replace(temporary, final)
+        mapped = load_file(str(final))  # lazily mapped pages, copy-on-write: the file itself never changes
+        return [mapped[str(i)] for i in range(len(tensors))]
+
+    def close(self) -> None:
+        """Remove the files (mapped tensors stay readable until dropped: the mappings keep them)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class LayerOnloader:
+    """Run a model with its decoder layers off the device, one layer on it at a time.
+
+    Args:
+        model: a supported causal LM (its decoder layers are found through :class:`Anatomy`).
+        device: the compute device.
+        offload_dir: keep layers in memory-mapped safetensors files under this directory
+            (``None``: in host memory).
+
+    Attributes:
+        onloads: layers brought to the device so far (a transfer count).
+        writes: layer versions written to ``offload_dir``.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device | str, offload_dir: str | None = None):
+        self.model, self.device = model, torch.device(device)
+        self.disk = _DiskHome(offload_dir) if offload_dir else None
+        self.current: nn.Module | None = None
+        self._homes: dict[int, torch.Tensor] = {}  # id(tensor) -> its home copy while its layer is onloaded
+        self._mapped: set[int] = set()  # data pointers of homes that are mapped files (offload_dir)
+        self._handles = []
+        self.attached = False
+        self.onloads = 0
+
+    @property
+    def writes(self) -> int:
+        return self.disk.writes if self.disk else 0
+
+    # ----- attach / detach ------------------------------------------------------------------
+    def attach(self, mapped: bool = False) -> "LayerOnloader":
+        """Resident parts to the device, every layer home, hooks on the layers.
+
+        ``mapped``: the layers' tensors already are memory-mapped files (a model loaded by
+        :func:`lightning_prune.model.streaming.load_streaming`), so nothing is written at attach.
+        """
+        if self.model in _ACTIVE:
+            raise InputError("this model is already onloaded; detach the other onloader first")
+        layers = list(Anatomy(self.model).layers)
+        if mapped:
+            self._mapped.update(t.data_ptr() for layer in layers for t in _tensors(layer))
+        in_layers = {id(t) for layer in layers for t in _tensors(layer)}
+        for tensor in _tensors(self.model):
+            if id(tensor) not in in_layers:
+                tensor.data = tensor.data.to(self.device)
+        for layer in layers:
+            self._send_home(layer, changed=not mapped)
+        onloader = weakref.ref(self)
+
+        def bring_in(module, args, kwargs):  # a plain function: deep copies of a layer share it
+            active = onloader()
+            if active is None or not active.attached:
+                return None
+            active.use(module)
+            return _on(args, active.device), _on(kwargs, active.device)
+
+        self._handles = [layer.register_forward_pre_hook(bring_in, with_kwargs=True) for layer in layers]
+        self.attached = True
+        _ACTIVE[self.model] = self
+        return self
+
+    def detach(self, device: torch.device | str = "cpu") -> None:
+        """Send the current layer home, remove the hooks, move the resident parts to ``device``."""
+        if not self.attached:
+            return
+        self.settle()
+        for handle in self._handles:
+            handle.remove()
+        in_layers = {id(t) for layer in Anatomy(self.model).layers for t in _tensors(layer)}
+        for tensor in _tensors(self.model):
+            if id(tensor) not in in_layers:
+                tensor.data = tensor.data.to(device)
+        self.attached = False
+        _ACTIVE.pop(self.model, None)
+        if self.disk is not None:
+            self.disk.close()
+
+    # ----- moving layers ----------------------------------------------------------------------
+    def use(self, layer: nn.Module) -> None:
+        """Make ``layer`` the one on the device (the one there before goes home)."""
+        if layer is self.current:
+            return
+        self.settle()
+        for tensor in _tensors(layer):
+            self._homes[id(tensor)] = tensor.data
+            tensor.data = tensor.data.to(self.device, copy=True)
+        self.current = layer
+        self.onloads += 1
+
+    def settle(self) -> None:
+        """Send the layer on the device home (with its edits); afterwards no layer is on the device."""
+        if self.current is None:
+            return
+        layer, self.current = self.current, None
+        tensors = _tensors(layer)
+        homes = [self._homes.pop(id(t)) for t in tensors]
+        if self.disk is None:
+            for tensor, home in zip(tensors, homes):
+                home = home if home.device.type == "cpu" and home.dtype == tensor.dtype else torch.empty_like(tensor, device="cpu")
+                home.copy_(tensor.data)
+                tensor.data = home
+            return
+        back = [t.data.cpu() for t in tensors]
+        unchanged = all(h.dtype == b.dtype and h.shape == b.shape and torch.equal(h, b) for h, b in zip(homes, back))
+        if unchanged and all(h.data_ptr() in self._mapped for h in homes):
+            for tensor, home in zip(tensors, homes):
+                tensor.data = home
+        else:
+            self._map(tensors, back)
+
+    def _send_home(self, layer: nn.Module, changed: bool) -> None:
+        """Put a layer that is not onloaded in its home (host memory, or a mapped file)."""
+        tensors = _tensors(layer)
+        if self.disk is None:
+            for tensor in tensors:
+                tensor.data = tensor.data.cpu()
+        elif changed:
+            self._map(tensors, [t.data for t in tensors])
+
+    def _map(self, tensors: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Write ``values`` to a new layer file and point ``tensors`` at its mapping."""
+        for tensor, mapped in zip(tensors, self.disk.store(values)):
+            tensor.data = mapped
+            self._mapped.add(mapped.data_ptr())
+
+    def layer_bytes(self) -> int:
+        """Bytes of the largest decoder layer (what one onload puts on the device)."""
+        return max(sum(t.numel() * t.element_size() for t in _tensors(layer)) for layer in Anatomy(self.model).layers)
+
+
+def _on(value, device: torch.device):
+    """Tensors inside ``value`` (nested tuples, lists, dicts) moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_on(v, device) for v in value)
+    if isinstance(value, list):
+        return [_on(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _on(v, device) for k, v in value.items()}
+    return value
+
+
+def active_onloader(model: nn.Module) -> LayerOnloader | None:
+    """The onloader attached to ``model``, if any."""
+    return _ACTIVE.get(model)
+
+
+@contextmanager
+def onloading(model: nn.Module, device: torch.device | str, offload_dir: str | None = None) -> Iterator[LayerOnloader]:
+    """Inside the block ``model`` runs with its layers onloaded one at a time; after it, all of it is on the CPU."""
+    onloader = LayerOnloader(model, device, offload_dir).attach()
+    try:
+        yield onloader
+    finally:
+        onloader.detach()
+
+
+def settle(model: nn.Module) -> None:
+    """Every layer home (a no-op without an onloader): call before math that mixes several layers' weights."""
+    onloader = active_onloader(model)
+    if onloader is not None:
+        onloader.settle()
+
+
+def onloaded(model: nn.Module, layer: nn.Module) -> None:
+    """Bring ``layer`` to the compute device for weight math (a no-op without an onloader)."""
+    onloader = active_onloader(model)
+    if onloader is not None:
+        onloader.use(layer)

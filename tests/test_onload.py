@@ -1,0 +1,117 @@
+"""Layer-wise onloading: every calibration-driven stage decides exactly as with the whole model in memory.
+
+Each case runs twice on the same tiny model of every family, once as it is and once with its
+layers onloaded one at a time (host memory, and memory-mapped files in an offload directory),
+and compares scores, picks, masks, merged weights and perplexities.
+"""
+
+import copy
+
+import pytest
+import torch
+from conftest import FAMILY_NAMES, make_tiny_model, random_ids
+
+from lightning_prune.errors import InputError
+from lightning_prune.evaluation.perplexity import perplexity
+from lightning_prune.importance import ScoringOptions, score_layers
+from lightning_prune.model.anatomy import Anatomy
+from lightning_prune.onload import LayerOnloader, active_onloader, check_onload, onloading
+from lightning_prune.stages import MergeStage, PruneStage, SparsifyStage
+
+BLOCKS = random_ids(8, 24, seed=5)
+STORAGE = ["host", "disk"]
+
+
+def onloaded_copy(model, storage, tmp_path):
+    """A deep copy of ``model`` and the context that onloads it (host memory or files under tmp_path)."""
+    twin = copy.deepcopy(model)
+    return twin, onloading(twin, "cpu", offload_dir=str(tmp_path / "offload") if storage == "disk" else None)
+
+
+def same_weights(a, b):
+    state_a, state_b = a.state_dict(), b.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        torch.testing.assert_close(state_a[key], state_b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("storage", STORAGE)
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_scores_and_perplexity_equal_the_in_memory_model(family, storage, tmp_path):
+    model = make_tiny_model(family)
+    options = ScoringOptions(batch_size=4, progress=False)
+    metrics = ["block_influence", "removal_perplexity", "gradient", "taylor", "magnitude", "sbi"]
+    expected = {metric: score_layers(model, BLOCKS, metric, options) for metric in metrics}
+    expected_ppl = perplexity(model, BLOCKS, batch_size=4, progress=False)
+    twin, context = onloaded_copy(model, storage, tmp_path)
+    with context as onloader:
+        for metric in metrics:
+            got = score_layers(twin, BLOCKS, metric, options)
+            torch.testing.assert_close(got, expected[metric], rtol=1e-4, atol=1e-6, equal_nan=True, msg=metric)
+        assert perplexity(twin, BLOCKS, batch_size=4, progress=False) == pytest.approx(expected_ppl, rel=1e-5)
+        assert onloader.onloads >= Anatomy(twin).num_layers
+    assert active_onloader(twin) is None
+    assert all(t.device.type == "cpu" for t in twin.state_dict().values())
+    same_weights(model, twin)  # scoring changed nothing
+
+
+@pytest.mark.parametrize("storage", STORAGE)
+@pytest.mark.parametrize(
+    "stage",
+    [
+        PruneStage(metric="block_influence", selection="iterative", num_layers=2, compensation="magnitude", batch_size=4),
+        PruneStage(metric="removal_perplexity", num_layers=2, compensation="projection", batch_size=4),
+        PruneStage(metric="gradient", num_layers=1, batch_size=4),
+        MergeStage(num_layers=2, batch_size=4),
+        MergeStage(num_layers=2, method="come_p", grid=4, batch_size=4),
+        SparsifyStage(method="wanda", allocation="dlp", sparsity=0.5, batch_size=4),
+        SparsifyStage(method="sparsegpt", allocation="owl", sparsity=0.6, batch_size=4),
+        SparsifyStage(method="magnitude", allocation="uniform", sparsity=0.5, batch_size=4),
+        SparsifyStage(method="wanda", allocation="uniform", structure="2:4", batch_size=4),
+    ],
+    ids=lambda stage: f"{stage.name}-{getattr(stage, 'metric', None) or stage.method}",
+)
+def test_stages_decide_and_change_the_model_as_in_memory(stage, storage, tmp_path):
+    model = make_tiny_model("llama")
+    expected = stage.plan(model, BLOCKS, progress=False)
+    twin, context = onloaded_copy(make_tiny_model("llama"), storage, tmp_path)
+    with context:
+        got = stage.plan(twin, BLOCKS, progress=False)
+    assert got.summary() == expected.summary()
+    assert got.signature() == expected.signature()  # masks are in the signature of a sparsity decision
+    assert Anatomy(twin).num_layers == Anatomy(model).num_layers
+    same_weights(model, twin)
+
+
+def test_one_layer_at_a_time_and_edits_made_on_the_device_come_home(tmp_path):
+    model = make_tiny_model("llama")
+    onloader = LayerOnloader(model, "cpu", offload_dir=str(tmp_path / "offload")).attach()
+    layers = Anatomy(model).layers
+    seen = []
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda module, args: seen.append(onloader.current is module))
+    model(input_ids=BLOCKS[:2])
+    assert seen == [True] * len(layers) and onloader.current is layers[-1]
+    written = onloader.writes
+    onloader.use(layers[0])  # the last layer ran unchanged: it is not written again
+    assert onloader.writes == written
+    with torch.no_grad():
+        layers[0].mlp.down_proj.weight.mul_(2)  # an edit made while the layer is on the device
+        edited = layers[0].mlp.down_proj.weight.clone()
+    onloader.settle()
+    assert onloader.writes == written + 1 and onloader.current is None
+    offload = next((tmp_path / "offload").iterdir())
+    assert len(list(offload.glob("*.safetensors"))) == written + 1
+    onloader.detach()
+    assert not offload.exists()  # the files go with the onloader; the mapped tensors stay readable
+    assert torch.equal(layers[0].mlp.down_proj.weight, edited)
+
+
+def test_bad_onload_settings_are_refused():
+    with pytest.raises(InputError, match="onload 'layers' is not known; choose one of none, layer"):
+        check_onload("layers")
+    with pytest.raises(InputError, match="offload_dir '/x' keeps onloaded layers on disk; it needs onload layer"):
+        check_onload("none", "/x")
+    model = make_tiny_model("llama")
+    with onloading(model, "cpu"), pytest.raises(InputError, match="already onloaded"):
+        LayerOnloader(model, "cpu").attach()
