@@ -35,6 +35,7 @@ from lightning_prune.evaluation.suite import EvaluationSuite
 from lightning_prune.hub import check_push, push_model
 from lightning_prune.model_card import recipe_card
 from lightning_prune.modules.slim import slim_record
+from lightning_prune.onload import LayerOnloader, check_onload, finish_onload
 from lightning_prune.results import DEFAULT_SHARD_SIZE, RunDirectory, model_summary, package_versions, shard_size_bytes
 from lightning_prune.sparsity.masks import unwrap_model
 from lightning_prune.stages import Decision, Stage
@@ -79,6 +80,10 @@ class StageCallback(L.Callback):
             checked here, before any work.
         max_shard_size: largest safetensors file of the saved model (``5GB``; bytes or ``500MB``,
             ``2GiB``...); a larger model is saved as several shards plus an index.
+        onload: ``none`` (stages plan with the whole model on the training device) or ``layer``
+            (decoder layers stay in host memory, or in ``offload_dir``, and run on the device one at
+            a time while the stages plan and measure; training then gets the whole model as usual).
+        offload_dir: with ``onload: layer``, keep the layers in memory-mapped files under this directory.
     """
 
     def __init__(
@@ -92,11 +97,15 @@ class StageCallback(L.Callback):
         source: str | None = None,
         push_to_hub: str | None = None,
         max_shard_size: str = DEFAULT_SHARD_SIZE,
+        onload: str = "none",
+        offload_dir: str | None = None,
     ):
         if push_to_hub and (dry_run or not save_model):
             raise InputError("push_to_hub uploads the saved model; it needs save_model true and dry_run false")
         check_push(push_to_hub)
         shard_size_bytes(max_shard_size)  # a bad size fails here, before any weight loads
+        check_onload(onload, offload_dir)
+        self.onload, self.offload_dir = onload, offload_dir
         self.push_to_hub, self.max_shard_size = push_to_hub, max_shard_size
         self.stages, self.evaluation, self.run_dir = list(stages), evaluation, run_dir
         self.resume_from, self.dry_run, self.save_model, self.source = resume_from, dry_run, save_model, source
@@ -181,7 +190,16 @@ class StageCallback(L.Callback):
             )
 
     def _plan(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Decision]:
-        pl_module.to(trainer.strategy.root_device)
+        if self.onload == "layer":
+            LayerOnloader(pl_module.model, trainer.strategy.root_device, self.offload_dir).attach()
+        else:
+            pl_module.to(trainer.strategy.root_device)
+        try:
+            return self._plan_stages(trainer, pl_module)
+        finally:
+            finish_onload(pl_module.model)
+
+    def _plan_stages(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Decision]:
         model = pl_module.model
         before = model_summary(model)
         self._measure(trainer, model, _tokenizer(pl_module), "dense")

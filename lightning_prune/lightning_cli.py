@@ -12,7 +12,9 @@ sections that every flag can reach:
 - ``evaluation``: what ``metrics.json`` measures (``--evaluate false`` turns it off);
 - ``dry_run``: plan, write ``decisions.json``, print the plan, stop before training;
 - ``push_to_hub``: upload ``model/`` (with its model card) to a Hub repo at the end;
-- ``max_shard_size``: largest safetensors file of the saved ``model/`` (default 5GB).
+- ``max_shard_size``: largest safetensors file of the saved ``model/`` (default 5GB);
+- ``onload`` / ``offload_dir``: ``onload: layer`` plans the stages with one decoder layer at a
+  time on the device (the others in host memory, or memory-mapped files in ``offload_dir``).
 
 ``model.init_args.model`` is linked to ``data.init_args.tokenizer``: changing the model changes
 the tokenizer. ``--ckpt_path`` (``fit``, ``validate``, ``test``) is handed to the
@@ -158,6 +160,13 @@ class PruneCLI(LightningCLI):
         parser.add_argument(
             "--max_shard_size", type=str, default=DEFAULT_SHARD_SIZE, help="Largest safetensors shard of model/ (500MB, 5GB, 2GiB, bytes)."
         )
+        parser.add_argument(
+            "--onload",
+            type=str,
+            default="none",
+            help="Stages plan with the whole model on the device (none) or one layer at a time (layer).",
+        )
+        parser.add_argument("--offload_dir", type=str | None, default=None, help="With onload layer: layers in memory-mapped files here.")
         parser.link_arguments("model.init_args.model", "data.init_args.tokenizer")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
@@ -189,6 +198,8 @@ class PruneCLI(LightningCLI):
             source=model_source,
             push_to_hub=config["push_to_hub"],
             max_shard_size=config["max_shard_size"],
+            onload=config["onload"],
+            offload_dir=config["offload_dir"],
         )
         trainer = config["trainer"]
         callbacks = list(trainer.get("callbacks") or [])

@@ -37,7 +37,17 @@ from torch import nn
 from lightning_prune.errors import InputError
 from lightning_prune.model.anatomy import Anatomy
 
-__all__ = ["ONLOAD_MODES", "LayerOnloader", "active_onloader", "check_onload", "onloading", "settle", "onloaded"]
+__all__ = [
+    "ONLOAD_MODES",
+    "LayerOnloader",
+    "active_onloader",
+    "check_onload",
+    "check_device_memory",
+    "finish_onload",
+    "onloading",
+    "settle",
+    "onloaded",
+]
 
 ONLOAD_MODES = ("none", "layer")
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, LayerOnloader]" = weakref.WeakKeyDictionary()
@@ -49,6 +59,45 @@ def check_onload(onload: str, offload_dir: str | None = None, option: str = "onl
         raise InputError(f"{option} {onload!r} is not known; choose one of {', '.join(ONLOAD_MODES)}")
     if offload_dir and onload != "layer":
         raise InputError(f"offload_dir {offload_dir!r} keeps onloaded layers on disk; it needs {option} layer")
+
+
+def _gib(size: int) -> str:
+    """A byte count in the largest binary unit that keeps it >= 1 (e.g. ``1.62 GiB``)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} B"
+
+
+def check_device_memory(config, dtype: torch.dtype, onload: str, budget: str | None) -> None:
+    """Refuse a ``max_device_memory`` that cannot hold what the run puts on the device (before any weight loads).
+
+    With ``onload: layer`` that is one decoder layer plus the embeddings, final norm and head;
+    otherwise the whole model. Activations come on top and are not counted.
+    """
+    if budget is None:
+        return
+    from transformers import AutoModelForCausalLM
+
+    from lightning_prune.results import size_bytes
+
+    limit = size_bytes(budget, "max_device_memory")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    layers = Anatomy(model).layers
+    layer = sum(t.numel() * t.element_size() for t in _tensors(layers[0]))
+    total = sum(t.numel() * t.element_size() for t in _tensors(model))
+    resident = total - layer * len(layers)
+    if onload == "layer" and resident + layer > limit:
+        raise InputError(
+            f"max_device_memory {budget} cannot hold one decoder layer ({_gib(layer)}) plus the embeddings, final norm and "
+            f"head ({_gib(resident)}) in {str(dtype).removeprefix('torch.')}; allow at least {_gib(resident + layer)} plus activations"
+        )
+    if onload != "layer" and total > limit:
+        raise InputError(
+            f"max_device_memory {budget} cannot hold the whole model ({_gib(total)} in {str(dtype).removeprefix('torch.')}); "
+            f"use onload layer (one layer at a time needs {_gib(resident + layer)}) or a smaller dtype"
+        )
 
 
 def _tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -115,23 +164,17 @@ class LayerOnloader:
         return self.disk.writes if self.disk else 0
 
     # ----- attach / detach ------------------------------------------------------------------
-    def attach(self, mapped: bool = False) -> "LayerOnloader":
-        """Resident parts to the device, every layer home, hooks on the layers.
-
-        ``mapped``: the layers' tensors already are memory-mapped files (a model loaded by
-        :func:`lightning_prune.model.streaming.load_streaming`), so nothing is written at attach.
-        """
+    def attach(self) -> "LayerOnloader":
+        """Resident parts to the device, every layer home (written to ``offload_dir`` unless already mapped), hooks on the layers."""
         if self.model in _ACTIVE:
             raise InputError("this model is already onloaded; detach the other onloader first")
         layers = list(Anatomy(self.model).layers)
-        if mapped:
-            self._mapped.update(t.data_ptr() for layer in layers for t in _tensors(layer))
         in_layers = {id(t) for layer in layers for t in _tensors(layer)}
         for tensor in _tensors(self.model):
             if id(tensor) not in in_layers:
                 tensor.data = tensor.data.to(self.device)
         for layer in layers:
-            self._send_home(layer, changed=not mapped)
+            self.send_home(layer)
         onloader = weakref.ref(self)
 
         def bring_in(module, args, kwargs):  # a plain function: deep copies of a layer share it
@@ -195,13 +238,17 @@ class LayerOnloader:
         else:
             self._map(tensors, back)
 
-    def _send_home(self, layer: nn.Module, changed: bool) -> None:
-        """Put a layer that is not onloaded in its home (host memory, or a mapped file)."""
+    def mark_mapped(self, tensors: list[torch.Tensor]) -> None:
+        """These tensors already are memory-mapped files (a streamed checkpoint): they need no writing."""
+        self._mapped.update(t.data_ptr() for t in tensors)
+
+    def send_home(self, layer: nn.Module) -> None:
+        """Put a layer that is not onloaded in its home: host memory, or (``offload_dir``) a mapped file."""
         tensors = _tensors(layer)
         if self.disk is None:
             for tensor in tensors:
                 tensor.data = tensor.data.cpu()
-        elif changed:
+        elif not all(t.data_ptr() in self._mapped for t in tensors):
             self._map(tensors, [t.data for t in tensors])
 
     def _map(self, tensors: list[torch.Tensor], values: list[torch.Tensor]) -> None:
@@ -240,6 +287,13 @@ def onloading(model: nn.Module, device: torch.device | str, offload_dir: str | N
     try:
         yield onloader
     finally:
+        onloader.detach()
+
+
+def finish_onload(model: nn.Module) -> None:
+    """Detach the model's onloader, if any: all of the model on the CPU, the offload files removed."""
+    onloader = active_onloader(model)
+    if onloader is not None:
         onloader.detach()
 
 

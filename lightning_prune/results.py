@@ -27,6 +27,7 @@ __all__ = [
     "weight_bytes",
     "model_summary",
     "shard_size_bytes",
+    "size_bytes",
 ]
 
 RESULT_NAMES = ("config.yaml", "metrics.json", "decisions.json", "model")
@@ -62,13 +63,18 @@ def model_summary(model: nn.Module) -> dict:
     return {"num_layers": model.config.num_hidden_layers, "num_parameters": count_parameters(model), "num_bytes": weight_bytes(model)}
 
 
-def shard_size_bytes(size: int | str) -> int:
-    """``max_shard_size`` in bytes: a positive integer, or a number with a unit (``500MB``, ``5GB``, ``2GiB``)."""
+def size_bytes(size: int | str, option: str = "max_shard_size") -> int:
+    """A size option in bytes: a positive integer, or a number with a unit (``500MB``, ``5GB``, ``2GiB``)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
     unit = match.group(2).upper() if match else None
     if unit not in _SIZE_UNITS or float(match.group(1)) * _SIZE_UNITS[unit] < 1:
-        raise InputError(f"max_shard_size {size!r} is not a size; give bytes or a number with a unit such as 500MB, 5GB or 2GiB")
+        raise InputError(f"{option} {size!r} is not a size; give bytes or a number with a unit such as 500MB, 5GB or 2GiB")
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def shard_size_bytes(size: int | str) -> int:
+    """``max_shard_size`` in bytes (see :func:`size_bytes`)."""
+    return size_bytes(size, "max_shard_size")
 
 
 def _readable(directory: Path) -> None:

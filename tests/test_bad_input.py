@@ -75,6 +75,9 @@ BAD_VALUES = {
     "tasks": [("../x", "is not a task name"), ("/abs/path", "is not a task name")],
     "plan": [("missing.json", "does not exist"), ("notes.txt", "is not valid JSON")],
     "output_dir": [("a-file/run", "is a file, not a directory"), ("a-file", "is a file; pass a directory")],
+    "onload": [("layers", "onload 'layers' is not known; choose one of none, layer")],
+    "offload_dir": [("offload", "keeps onloaded layers on disk; it needs onload layer")],
+    "max_device_memory": [("5XB", "max_device_memory '5XB' is not a size"), ("1KB", "cannot hold the whole model")],
 }
 BAD_VALUES["calibration_data"] = BAD_VALUES["eval_data"][:5]
 # (command, option) -> the base option the bad one replaces (prune takes one of --layers, --num_layers, --ratio)
@@ -244,6 +247,8 @@ RECIPE_CASES = {
     "ckpt-not-checkpoint": (["--ckpt_path", "notes.txt"], "is not a checkpoint"),
     "ckpt-last-none": (["--ckpt_path", "last"], "no last.ckpt"),
     "run-dir": (["--run_dir", "a-file/run"], "is a file, not a directory"),
+    "onload": (["--onload", "layers"], "onload 'layers' is not known"),
+    "offload-dir": (["--onload", "layer", "--offload_dir", "a-file/x"], "--offload_dir 'a-file/x' cannot be created"),
     "wrong-type": (["--trainer.max_steps", "many"], "Expected a <class 'int'>. Got value: many"),
     "unknown-key": (["--prune.num_layer", 3], "unrecognized arguments"),
     "yaml-syntax": (["--config", "broken.yaml"], "Problems parsing config"),

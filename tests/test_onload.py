@@ -6,10 +6,11 @@ and compares scores, picks, masks, merged weights and perplexities.
 """
 
 import copy
+import json
 
 import pytest
 import torch
-from conftest import FAMILY_NAMES, make_tiny_model, random_ids
+from conftest import FAMILY_NAMES, make_tiny_model, random_ids, run_cli
 
 from lightning_prune.errors import InputError
 from lightning_prune.evaluation.perplexity import perplexity
@@ -115,3 +116,73 @@ def test_bad_onload_settings_are_refused():
     model = make_tiny_model("llama")
     with onloading(model, "cpu"), pytest.raises(InputError, match="already onloaded"):
         LayerOnloader(model, "cpu").attach()
+
+
+def saved_state(directory):
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "model" / "model.safetensors"))
+
+
+def test_prune_command_streams_the_checkpoint_and_saves_what_the_plain_run_saves(capsys, tiny_dir, tmp_path):
+    common = ["prune", "--model", tiny_dir, "--metric", "bi", "--selection", "iterative", "--num_layers", 2]
+    common += ["--compensation", "magnitude", "--calibration_samples", 4, "--eval_samples", 2, "--seq_len", 32, "--device", "cpu"]
+    assert run_cli(capsys, *common, "--output_dir", tmp_path / "plain")[0] == 0
+    offload = tmp_path / "offload"
+    assert run_cli(capsys, *common, "--output_dir", tmp_path / "onload", "--onload", "layer", "--offload_dir", offload)[0] == 0
+    plain, onloaded = saved_state(tmp_path / "plain"), saved_state(tmp_path / "onload")
+    assert plain.keys() == onloaded.keys() and all(torch.equal(plain[k], onloaded[k]) for k in plain)
+    metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("plain", "onload")]
+    assert metrics[0]["after"]["perplexity"] == metrics[1]["after"]["perplexity"]
+    assert metrics[1]["settings"]["onload"] == "layer"
+    assert list(offload.iterdir()) == []  # the layer files went with the run
+
+
+def test_evaluate_with_onloaded_layers_measures_the_same_perplexity(capsys, tiny_dir):
+    args = ["evaluate", "--model", tiny_dir, "--eval_data", "wikitext2,c4", "--eval_samples", 2, "--seq_len", 32, "--json"]
+    code, plain, _ = run_cli(capsys, *args)
+    code_onload, onloaded, _ = run_cli(capsys, *args, "--onload", "layer")
+    assert code == code_onload == 0
+    assert json.loads(plain)["perplexity"] == json.loads(onloaded)["perplexity"]
+
+
+@pytest.mark.parametrize("family", ["llama_tied", "opt"])
+def test_streamed_checkpoint_in_another_dtype_gives_the_loaded_models_logits(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lightning_prune.model.loading import load_config
+    from lightning_prune.model.streaming import load_streaming
+
+    make_tiny_model(family).save_pretrained(tmp_path / "model")
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.bfloat16).eval()
+    model, onloader = load_streaming(tmp_path / "model", load_config(str(tmp_path / "model")), torch.bfloat16, "cpu", str(tmp_path / "off"))
+    assert onloader.writes == Anatomy(model).num_layers  # fp32 on disk: each layer converted and written once
+    if family == "llama_tied":
+        assert Anatomy(model).lm_head.weight is Anatomy(model).embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=BLOCKS[:2]).logits, expected(input_ids=BLOCKS[:2]).logits, rtol=0, atol=0)
+    onloader.detach()
+
+
+def test_a_device_budget_below_one_layer_names_what_a_layer_needs(tiny_dir):
+    from lightning_prune.commands.common import load_checked_model
+
+    layer = sum(p.numel() * 4 for p in Anatomy(make_tiny_model("llama")).layers[0].parameters())
+    with pytest.raises(InputError, match=rf"cannot hold one decoder layer \({layer / 1024:.2f} KiB\) plus the embeddings"):
+        load_checked_model(str(tiny_dir), dtype="float32", device="cpu", onload="layer", max_device_memory="100KB")
+
+
+def test_stage_callback_plans_onloaded_and_trains_the_whole_model(tmp_path):
+    from test_stage_callback import CalibrationData, TinyModule, trainer
+
+    from lightning_prune.callbacks import StageCallback
+
+    runs = {}
+    for onload in ("none", "layer"):
+        module = TinyModule()
+        callback = StageCallback([PruneStage(metric="bi", selection="iterative", num_layers=2, batch_size=4)], onload=onload)
+        trainer(tmp_path / onload, 2, callback).fit(module, datamodule=CalibrationData())
+        runs[onload] = (callback.decisions[0].removed_layers, module)
+        assert active_onloader(module.model) is None
+    assert runs["none"][0] == runs["layer"][0]
+    same_weights(runs["none"][1].model, runs["layer"][1].model)  # the same two SGD steps after the same decision

@@ -11,6 +11,7 @@ from lightning_prune.errors import InputError
 from lightning_prune.evaluation.plots import score_bars
 from lightning_prune.importance import ScoringOptions, metric_name, score_layers
 from lightning_prune.model.loading import load_config
+from lightning_prune.onload import finish_onload
 from lightning_prune.results import RunDirectory
 
 __all__ = ["score", "load_scoring_data", "check_fresh"]
@@ -56,6 +57,9 @@ def score(
     device: str = "auto",
     output_dir: str = "runs/score",
     overwrite: bool = False,
+    onload: str = "none",
+    offload_dir: str | None = None,
+    max_device_memory: str | None = None,
 ) -> dict:
     """Score every decoder layer with one importance metric (higher = more important).
 
@@ -72,16 +76,33 @@ def score(
         device: auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps.
         output_dir: run directory for scores.json and scores.png.
         overwrite: replace results already in output_dir.
+        onload: none (the whole model on the device) or layer (decoder layers stay in host memory, or in
+            offload_dir, and run on the device one at a time: device memory ~ one layer + embeddings and head).
+        offload_dir: with onload layer, keep the layers in memory-mapped safetensors files under this
+            directory instead of host memory (a local safetensors checkpoint is read from its own files).
+        max_device_memory: refuse to start when what goes on the device does not fit (e.g. 24GiB; default: unchecked).
     """
     settings = dict(locals())
     metric = metric_name(metric)
     run = RunDirectory(output_dir, overwrite)
     check_fresh(run, "scores.json")
     check_seq_len(seq_len, load_config(model))
-    lm, tokenizer = load_checked_model(model, dtype=dtype, device=device, seq_len=seq_len, data=[calibration_data])
-    data, _ = load_scoring_data(tokenizer, calibration_data, metric, seq_len=seq_len, num_samples=calibration_samples, seed=seed)
-    options = ScoringOptions(batch_size=batch_size, seed=seed, block_size=block_size)
-    scores = _finite(score_layers(lm, data, metric, options))
+    lm, tokenizer = load_checked_model(
+        model,
+        dtype=dtype,
+        device=device,
+        seq_len=seq_len,
+        data=[calibration_data],
+        onload=onload,
+        offload_dir=offload_dir,
+        max_device_memory=max_device_memory,
+    )
+    try:
+        data, _ = load_scoring_data(tokenizer, calibration_data, metric, seq_len=seq_len, num_samples=calibration_samples, seed=seed)
+        options = ScoringOptions(batch_size=batch_size, seed=seed, block_size=block_size)
+        scores = _finite(score_layers(lm, data, metric, options))
+    finally:
+        finish_onload(lm)
     settings["calibration_file"] = calibration_data if is_task(calibration_data) else data_location(calibration_data, "validation")
     record = run_record(settings, metric=metric, higher_is_more_important=True, data=data_key(calibration_data), scores=scores)
     run.write_json("scores.json", record)

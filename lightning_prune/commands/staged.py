@@ -18,6 +18,7 @@ from lightning_prune.evaluation.suite import data_location
 from lightning_prune.hub import check_push, push_model
 from lightning_prune.model.loading import load_config
 from lightning_prune.model_card import stage_card
+from lightning_prune.onload import finish_onload
 from lightning_prune.results import RunDirectory, model_summary
 from lightning_prune.stages import Stage
 from lightning_prune.stages.plan import check_stages, fingerprint, format_plan, plan_json, plan_tensors
@@ -44,6 +45,11 @@ class StageRun:
         overwrite: replace results already in output_dir.
         dry_run: plan, print the decision and write only decisions.json (no model, no evaluation).
         push_to_hub: upload model/ (with its model card) to this Hub repo (needs HF_TOKEN or `hf auth login`).
+        onload: none (the whole model on the device) or layer (decoder layers stay in host memory, or in
+            offload_dir, and run on the device one at a time: device memory ~ one layer + embeddings and head).
+        offload_dir: with onload layer, keep the layers in memory-mapped safetensors files under this
+            directory instead of host memory (a local safetensors checkpoint is read from its own files).
+        max_device_memory: refuse to start when what goes on the device does not fit (e.g. 24GiB; default: unchecked).
     """
 
     model: str = "demo"
@@ -60,6 +66,9 @@ class StageRun:
     overwrite: bool = False
     dry_run: bool = False
     push_to_hub: str | None = None
+    onload: str = "none"
+    offload_dir: str | None = None
+    max_device_memory: str | None = None
 
     def run(self, stage: Stage) -> dict:
         """Run ``stage`` with these options (output in ``runs/<stage name>`` unless given)."""
@@ -80,6 +89,9 @@ class StageRun:
             overwrite=self.overwrite,
             dry_run=self.dry_run,
             push_to_hub=self.push_to_hub,
+            onload=self.onload,
+            offload_dir=self.offload_dir,
+            max_device_memory=self.max_device_memory,
         )
 
 
@@ -118,6 +130,9 @@ def run_stage(
     overwrite: bool,
     dry_run: bool,
     push_to_hub: str | None = None,
+    onload: str = "none",
+    offload_dir: str | None = None,
+    max_device_memory: str | None = None,
 ) -> dict:
     """Run one stage as a command; returns the ``metrics.json`` body plus the decision."""
     if dry_run and overwrite:
@@ -131,38 +146,51 @@ def run_stage(
     check_seq_len(seq_len, config)
     check_stages([stage], config)
     sources = [] if dry_run else split_names(eval_data)
-    lm, tokenizer = load_checked_model(model, dtype=dtype, device=device, seq_len=seq_len, data=[*sources, calibration_data])
-    evaluation = EvaluationData(tokenizer, sources, seq_len=seq_len, num_samples=eval_samples) if sources else None
-    blocks, scoring = _calibration(stage, tokenizer, calibration_data, seq_len=seq_len, num_samples=calibration_samples, seed=seed)
-    summary_before = model_summary(lm)
-    before = evaluation.evaluate(lm, batch_size=batch_size) if evaluation else summary_before
-    start = time.perf_counter()
-    extra = {"scoring_data": scoring} if scoring is not None else {}
-    decision = stage.plan(lm, blocks, **extra)
-    seconds = time.perf_counter() - start
-    plan = plan_json([decision], fingerprint(config), model)
-    if dry_run:
+    lm, tokenizer = load_checked_model(
+        model,
+        dtype=dtype,
+        device=device,
+        seq_len=seq_len,
+        data=[*sources, calibration_data],
+        onload=onload,
+        offload_dir=offload_dir,
+        max_device_memory=max_device_memory,
+    )
+    try:
+        evaluation = EvaluationData(tokenizer, sources, seq_len=seq_len, num_samples=eval_samples) if sources else None
+        blocks, scoring = _calibration(stage, tokenizer, calibration_data, seq_len=seq_len, num_samples=calibration_samples, seed=seed)
+        summary_before = model_summary(lm)
+        before = evaluation.evaluate(lm, batch_size=batch_size) if evaluation else summary_before
+        start = time.perf_counter()
+        extra = {"scoring_data": scoring} if scoring is not None else {}
+        decision = stage.plan(lm, blocks, **extra)
+        seconds = time.perf_counter() - start
+        plan = plan_json([decision], fingerprint(config), model)
+        if dry_run:
+            run.write_plan(plan, plan_tensors([decision]))
+            print(format_plan([decision], summary_before, model_summary(lm)))
+            return {"dry_run": True, "plan": str(run.path / "decisions.json"), "decision": decision.summary()}
+        after = evaluation.evaluate(lm, batch_size=batch_size)
+        settings = {
+            **settings,
+            "output_dir": output_dir,
+            "stage": {"name": stage.name, **asdict(stage)},
+            "data_files": evaluation.files,
+            "calibration_file": calibration_data if is_task(calibration_data) else data_location(calibration_data, "validation"),
+        }
+        data = {"evaluation": f"{', '.join(sources)} (test split), {eval_samples} blocks of {seq_len} tokens"}
+        if stage.needs_calibration():
+            drawn = "items" if is_task(calibration_data) else f"blocks of {seq_len} tokens"
+            data["calibration"] = f"{calibration_data} (validation split), {calibration_samples} {drawn}, seed {seed}"
+        card = stage_card(stage, decision, model, {"before": before, "after": after}, data, settings)
+        finish_onload(lm)  # the whole model back in host memory (mapped layers stay mapped) for saving
+        run.save_model(lm, tokenizer, card=card, decisions=[decision])
         run.write_plan(plan, plan_tensors([decision]))
-        print(format_plan([decision], summary_before, model_summary(lm)))
-        return {"dry_run": True, "plan": str(run.path / "decisions.json"), "decision": decision.summary()}
-    after = evaluation.evaluate(lm, batch_size=batch_size)
-    settings = {
-        **settings,
-        "output_dir": output_dir,
-        "stage": {"name": stage.name, **asdict(stage)},
-        "data_files": evaluation.files,
-        "calibration_file": calibration_data if is_task(calibration_data) else data_location(calibration_data, "validation"),
-    }
-    data = {"evaluation": f"{', '.join(sources)} (test split), {eval_samples} blocks of {seq_len} tokens"}
-    if stage.needs_calibration():
-        drawn = "items" if is_task(calibration_data) else f"blocks of {seq_len} tokens"
-        data["calibration"] = f"{calibration_data} (validation split), {calibration_samples} {drawn}, seed {seed}"
-    card = stage_card(stage, decision, model, {"before": before, "after": after}, data, settings)
-    run.save_model(lm, tokenizer, card=card, decisions=[decision])
-    run.write_plan(plan, plan_tensors([decision]))
-    run.write_config(settings)
-    record = run_record(settings, before=before, after=after, stage_seconds=seconds, **decision.measurements())
-    run.write_json("metrics.json", record)
-    if push_to_hub:
-        record["hub_commit"] = push_model(run.path / "model", push_to_hub)
-    return {**record, "summary": [decision.summary()], "decisions": plan}
+        run.write_config(settings)
+        record = run_record(settings, before=before, after=after, stage_seconds=seconds, **decision.measurements())
+        run.write_json("metrics.json", record)
+        if push_to_hub:
+            record["hub_commit"] = push_model(run.path / "model", push_to_hub)
+        return {**record, "summary": [decision.summary()], "decisions": plan}
+    finally:
+        finish_onload(lm)

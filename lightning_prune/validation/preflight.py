@@ -12,6 +12,8 @@ from lightning_prune.data.text import NAMED_CORPORA, local_data_file, read_text
 from lightning_prune.errors import InputError
 from lightning_prune.evaluation.suite import split_names
 from lightning_prune.model.loading import load_config, resolve_device, resolve_dtype
+from lightning_prune.onload import check_onload
+from lightning_prune.results import size_bytes
 from lightning_prune.validation.locations import check_output_location
 from lightning_prune.validation.model_files import check_model_files
 from lightning_prune.validation.numbers import check_numbers
@@ -71,6 +73,12 @@ def check_command(options: dict) -> None:
             resolve_dtype(options["dtype"], device)
     if "output_dir" in options and options["output_dir"]:
         check_output_location(options["output_dir"])
+    if "onload" in options:
+        check_onload(options["onload"], options.get("offload_dir"))
+    if options.get("offload_dir"):
+        check_output_location(options["offload_dir"], "--offload_dir")
+    if options.get("max_device_memory") is not None:
+        size_bytes(options["max_device_memory"], "max_device_memory")
     if isinstance(options.get("model"), str):
         check_model(options["model"])
     for option in DATA_OPTIONS:

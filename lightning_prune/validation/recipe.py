@@ -14,6 +14,7 @@ from pathlib import Path
 from lightning_prune.callbacks.checkpoints import read_checkpoint
 from lightning_prune.errors import InputError
 from lightning_prune.evaluation.suite import split_names
+from lightning_prune.onload import check_onload
 from lightning_prune.run_state import clean_stale
 from lightning_prune.validation.locations import check_output_location
 from lightning_prune.validation.numbers import check_numbers
@@ -140,6 +141,9 @@ def check_recipe(config) -> None:
         check_output_location(run_dir, "--run_dir")
         if rank_zero_only.rank == 0:
             clean_stale(Path(run_dir))  # a killed run's temporaries, before any rank writes
+    check_onload(config.get("onload", "none"), config.get("offload_dir"))
+    if config.get("offload_dir"):
+        check_output_location(config["offload_dir"], "--offload_dir")
     trainer = _plain(config.get("trainer"))
     model, data = (_plain(_plain(config.get(name)).get("init_args")) for name in ("model", "data"))
     check_numbers(model, "--model.init_args.")
