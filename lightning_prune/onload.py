@@ -47,6 +47,8 @@ __all__ = [
     "onloading",
     "settle",
     "onloaded",
+    "edited",
+    "map_tensors",
 ]
 
 ONLOAD_MODES = ("none", "layer")
@@ -110,6 +112,18 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
     return found
 
 
+def map_tensors(sources: list[tuple[str, str]]) -> list[torch.Tensor]:
+    """Tensors ``(file, key)`` of safetensors files as fresh copy-on-write memory maps (one mapping per file and call).
+
+    A fresh mapping holds no resident pages yet; once its tensors are dropped the pages it
+    read leave this process's resident set (they stay in the OS page cache).
+    """
+    from safetensors import safe_open
+
+    handles = {path: safe_open(path, "pt") for path in {path for path, _ in sources}}
+    return [handles[path].get_tensor(key) for path, key in sources]
+
+
 class _DiskHome:
     """Where an offloaded layer's tensors live on disk: one safetensors file per version, memory-mapped."""
 
@@ -118,17 +132,17 @@ class _DiskHome:
         self.path = Path(tempfile.mkdtemp(prefix=".onload-", dir=offload_dir))
         self.writes = 0
 
-    def store(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Write ``tensors`` to a new file (temporary name, then rename); return memory-mapped views of them."""
-        from safetensors.torch import load_file, save_file
+    def store(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tuple[str, str]]]:
+        """Write ``tensors`` to a new file (temporary name, then rename); return mapped views and their (file, key) sources."""
+        from safetensors.torch import save_file
 
         self.writes += 1
         final = self.path / f"layer-{self.writes:06d}.safetensors"
         temporary = final.with_suffix(".partial")
         save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(tensors)}, str(temporary))
         os.replace(temporary, final)
-        mapped = load_file(str(final))  # lazily mapped pages, copy-on-write: the file itself never changes
-        return [mapped[str(i)] for i in range(len(tensors))]
+        sources = [(str(final), str(i)) for i in range(len(tensors))]
+        return map_tensors(sources), sources
 
     def close(self) -> None:
         """Remove the files (mapped tensors stay readable until dropped: the mappings keep them)."""
@@ -154,7 +168,7 @@ class LayerOnloader:
         self.disk = _DiskHome(offload_dir) if offload_dir else None
         self.current: nn.Module | None = None
         self._homes: dict[int, torch.Tensor] = {}  # id(tensor) -> its home copy while its layer is onloaded
-        self._mapped: set[int] = set()  # data pointers of homes that are mapped files (offload_dir)
+        self._sources: dict[int, tuple[str, str]] = {}  # data pointer of a mapped home -> (file, key) it maps
         self._handles = []
         self.attached = False
         self.onloads = 0
@@ -231,16 +245,31 @@ class LayerOnloader:
                 tensor.data = home
             return
         back = [t.data.cpu() for t in tensors]
-        unchanged = all(h.dtype == b.dtype and h.shape == b.shape and torch.equal(h, b) for h, b in zip(homes, back))
-        if unchanged and all(h.data_ptr() in self._mapped for h in homes):
-            for tensor, home in zip(tensors, homes):
-                tensor.data = home
-        else:
-            self._map(tensors, back)
+        self._rehome(tensors, back, [self._sources.pop(h.data_ptr(), None) for h in homes])
 
-    def mark_mapped(self, tensors: list[torch.Tensor]) -> None:
-        """These tensors already are memory-mapped files (a streamed checkpoint): they need no writing."""
-        self._mapped.update(t.data_ptr() for t in tensors)
+    def _rehome(self, tensors: list[torch.Tensor], values: list[torch.Tensor], sources: list) -> None:
+        """Point ``tensors`` at fresh mappings of their files when ``values`` equal what the files hold, else write ``values``.
+
+        Comparing with the file (not with the mapped home) also catches edits made to a home
+        in place: those live in copy-on-write pages of this process, not in the file.
+        """
+        if None not in sources:
+            fresh = map_tensors(sources)
+            if all(f.dtype == v.dtype and f.shape == v.shape and torch.equal(f, v) for f, v in zip(fresh, values)):
+                self._point(tensors, fresh, sources)  # the pages this visit read leave the resident set
+                return
+        self._map(tensors, values)
+
+    def commit(self, layer: nn.Module) -> None:
+        """After in-place edits of a layer that is home: with an ``offload_dir``, write them to disk (else nothing to do)."""
+        if self.disk is None or layer is self.current:
+            return
+        tensors = _tensors(layer)
+        self._rehome(tensors, [t.data for t in tensors], [self._sources.pop(t.data_ptr(), None) for t in tensors])
+
+    def mark_mapped(self, tensors: list[torch.Tensor], sources: list[tuple[str, str]]) -> None:
+        """These tensors already map ``(file, key)`` of safetensors files (a streamed checkpoint): they need no writing."""
+        self._sources.update((t.data_ptr(), source) for t, source in zip(tensors, sources))
 
     def send_home(self, layer: nn.Module) -> None:
         """Put a layer that is not onloaded in its home: host memory, or (``offload_dir``) a mapped file."""
@@ -248,14 +277,17 @@ class LayerOnloader:
         if self.disk is None:
             for tensor in tensors:
                 tensor.data = tensor.data.cpu()
-        elif not all(t.data_ptr() in self._mapped for t in tensors):
+        elif not all(t.data_ptr() in self._sources for t in tensors):
             self._map(tensors, [t.data for t in tensors])
 
     def _map(self, tensors: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Write ``values`` to a new layer file and point ``tensors`` at its mapping."""
-        for tensor, mapped in zip(tensors, self.disk.store(values)):
-            tensor.data = mapped
-            self._mapped.add(mapped.data_ptr())
+        self._point(tensors, *self.disk.store(values))
+
+    def _point(self, tensors: list[torch.Tensor], mapped: list[torch.Tensor], sources: list[tuple[str, str]]) -> None:
+        for tensor, value, source in zip(tensors, mapped, sources):
+            tensor.data = value
+            self._sources[value.data_ptr()] = source
 
     def layer_bytes(self) -> int:
         """Bytes of the largest decoder layer (what one onload puts on the device)."""
@@ -302,6 +334,14 @@ def settle(model: nn.Module) -> None:
     onloader = active_onloader(model)
     if onloader is not None:
         onloader.settle()
+
+
+def edited(model: nn.Module, layers) -> None:
+    """Tell the model's onloader (if any) that ``layers`` were edited in place while home."""
+    onloader = active_onloader(model)
+    if onloader is not None:
+        for layer in layers:
+            onloader.commit(layer)
 
 
 def onloaded(model: nn.Module, layer: nn.Module) -> None:

@@ -103,9 +103,16 @@ def test_one_layer_at_a_time_and_edits_made_on_the_device_come_home(tmp_path):
     assert onloader.writes == written + 1 and onloader.current is None
     offload = next((tmp_path / "offload").iterdir())
     assert len(list(offload.glob("*.safetensors"))) == written + 1
+    with torch.no_grad():
+        layers[1].mlp.up_proj.weight.add_(1)  # an edit made while the layer is home (copy-on-write pages of a mapping)
+        home_edit = layers[1].mlp.up_proj.weight.clone()
+    onloader.use(layers[1])
+    onloader.settle()  # the file no longer holds what the layer holds: written, not re-mapped
+    assert onloader.writes == written + 2
     onloader.detach()
     assert not offload.exists()  # the files go with the onloader; the mapped tensors stay readable
     assert torch.equal(layers[0].mlp.down_proj.weight, edited)
+    assert torch.equal(layers[1].mlp.up_proj.weight, home_edit)
 
 
 def test_bad_onload_settings_are_refused():

@@ -26,6 +26,7 @@ from lightning_prune.errors import InputError
 from lightning_prune.importance.base import ScoringOptions, batches_of, evaluating
 from lightning_prune.model.anatomy import Anatomy
 from lightning_prune.model.surgery import remove_layers, untie_embeddings
+from lightning_prune.onload import edited
 
 __all__ = [
     "EXTRA_EMBEDDINGS",
@@ -105,6 +106,7 @@ def fold_residual_scale(model: nn.Module, position: int, alpha: float) -> None:
     for layer in list(anatomy.layers)[:position]:
         modules += [anatomy.part(layer, "o_proj"), anatomy.part(layer, "down_proj")]
     _scale(modules, alpha)
+    edited(model, list(anatomy.layers)[:position])  # onloaded to disk: the scaled layers are written back
     if tied:
         _scale([anatomy.final_norm], 1.0 / alpha)
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from lightning_prune.errors import InputError
 from lightning_prune.model.anatomy import Anatomy
-from lightning_prune.onload import LayerOnloader
+from lightning_prune.onload import LayerOnloader, map_tensors
 
 __all__ = ["safetensors_files", "load_streaming"]
 
@@ -60,23 +60,26 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 def load_streaming(directory: str | Path, config, dtype: torch.dtype, device: torch.device | str, offload_dir: str):
     """The model of ``directory`` with an attached :class:`LayerOnloader` whose layers are the checkpoint's mapped tensors."""
     from accelerate import init_empty_weights
-    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     files = safetensors_files(directory)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    handles = {path: safe_open(str(path), "pt") for path in set(files.values())}
 
-    def read(name: str, expected: torch.Tensor) -> torch.Tensor:
+    def source(name: str) -> tuple[str, str]:
         key = _checkpoint_name(name, files)
         if key is None:
             raise InputError(f"checkpoint {str(directory)!r} has no tensor {name!r}; it does not match its config.json")
-        value = handles[files[key]].get_tensor(key)
-        if tuple(value.shape) != tuple(expected.shape):
-            raise InputError(f"checkpoint tensor {key!r} has shape {tuple(value.shape)}, the config expects {tuple(expected.shape)}")
-        return value
+        return str(files[key]), key
+
+    def read(names: list[str], expected: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The named tensors, mapped afresh (one mapping per file per call), shapes checked."""
+        values = map_tensors([source(name) for name in names])
+        for (_, key), value, tensor in zip(map(source, names), values, expected):
+            if tuple(value.shape) != tuple(tensor.shape):
+                raise InputError(f"checkpoint tensor {key!r} has shape {tuple(value.shape)}, the config expects {tuple(tensor.shape)}")
+        return values
 
     def empty(module: nn.Module, prefix: str) -> list[tuple[str, torch.Tensor]]:
         named = [*module.named_parameters(prefix=prefix), *module.named_buffers(prefix=prefix)]
@@ -86,15 +89,17 @@ def load_streaming(directory: str | Path, config, dtype: torch.dtype, device: to
     head = anatomy.spec.lm_head + ".weight"
     for name, tensor in empty(model, ""):  # everything but the layers: into memory, in the asked dtype
         if not name.startswith(anatomy.spec.layers + ".") and not (tied and name == head):
-            _set_tensor(model, name, read(name, tensor).to(dtype))
+            _set_tensor(model, name, read([name], [tensor])[0].to(dtype).clone())
     if tied:
         anatomy.lm_head.weight = anatomy.embed_tokens.weight
     onloader = LayerOnloader(model, device, offload_dir)
     for index, layer in enumerate(anatomy.layers):  # layers: mapped as stored, or converted and written one at a time
-        for name, tensor in empty(layer, ""):
-            value = read(f"{anatomy.spec.layers}.{index}.{name}", tensor)
+        named = empty(layer, "")
+        full = [f"{anatomy.spec.layers}.{index}.{name}" for name, _ in named]
+        values = read(full, [tensor for _, tensor in named])
+        for (name, _), value, checkpoint_name in zip(named, values, full):
             if value.dtype == dtype:
-                onloader.mark_mapped([value])
+                onloader.mark_mapped([value], [source(checkpoint_name)])
             _set_tensor(layer, name, value.to(dtype))
         onloader.send_home(layer)
     model.eval()
