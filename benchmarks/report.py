@@ -20,6 +20,7 @@ TOPICS = {
     "healing": "Healing after pruning",
     "usability": "Command-line start-up",
     "peers": "Against the tools users would pick instead",
+    "scale": "Memory and scale (onloading)",
 }
 INTRO = """# Results
 
@@ -35,7 +36,7 @@ documents and calibration its first 500.
 
 Sections: [pruning and compensation](results/pruning.md) · [CoMe merging and distillation](results/merging.md) ·
 [DLP/OWL sparsity](results/sparsity.md) · [LoRA/QLoRA healing](results/healing.md) · [start-up](results/usability.md) ·
-[against peers](results/peers.md)
+[against peers](results/peers.md) · [memory and scale](results/scale.md)
 """
 
 

@@ -253,11 +253,9 @@ class LayerOnloader:
         Comparing with the file (not with the mapped home) also catches edits made to a home
         in place: those live in copy-on-write pages of this process, not in the file.
         """
-        if None not in sources:
-            fresh = map_tensors(sources)
-            if all(f.dtype == v.dtype and f.shape == v.shape and torch.equal(f, v) for f, v in zip(fresh, values)):
-                self._point(tensors, fresh, sources)  # the pages this visit read leave the resident set
-                return
+        if None not in sources and _holds(map_tensors(sources), values):  # a throw-away mapping: its read pages go with it
+            self._point(tensors, map_tensors(sources), sources)  # untouched: this visit's pages leave the resident set
+            return
         self._map(tensors, values)
 
     def commit(self, layer: nn.Module) -> None:
@@ -292,6 +290,11 @@ class LayerOnloader:
     def layer_bytes(self) -> int:
         """Bytes of the largest decoder layer (what one onload puts on the device)."""
         return max(sum(t.numel() * t.element_size() for t in _tensors(layer)) for layer in Anatomy(self.model).layers)
+
+
+def _holds(stored: list[torch.Tensor], values: list[torch.Tensor]) -> bool:
+    """Whether ``stored`` equals ``values`` tensor by tensor (dtype, shape and every element)."""
+    return all(s.dtype == v.dtype and s.shape == v.shape and torch.equal(s, v) for s, v in zip(stored, values))
 
 
 def _on(value, device: torch.device):

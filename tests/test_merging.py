@@ -19,7 +19,7 @@ from lightning_prune.merging import (
     unit_counts,
 )
 from lightning_prune.merging.posterior import candidate_ratios, window_losses
-from lightning_prune.merging.statistics import attention_sensitivity, token_cosine
+from lightning_prune.merging.statistics import attention_sensitivity, column_l1, token_cosine
 from lightning_prune.model.anatomy import Anatomy
 
 MERGE_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "qwen2_sliding"]
@@ -140,7 +140,7 @@ def test_attention_sensitivity_groups_contiguous_query_heads():
     means = torch.zeros(num_heads * head_dim)
     means[1 * head_dim : 2 * head_dim] = 1.0  # query head 1 -> group 0
     weight = torch.ones(8, num_heads * head_dim)
-    scores = attention_sensitivity(means, weight, num_kv)
+    scores = attention_sensitivity(means, column_l1(weight), num_kv)
     torch.testing.assert_close(scores, torch.tensor([4.0, 0.0]))  # |a| 1 * column L1 8, averaged over 8 channels
 
 

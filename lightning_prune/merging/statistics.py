@@ -25,7 +25,7 @@ from lightning_prune.capture import capture
 from lightning_prune.merging.distill import layer_outputs
 from lightning_prune.model.anatomy import Anatomy
 
-__all__ = ["LayerStatistics", "calibration_statistics", "attention_sensitivity", "ffn_sensitivity", "token_cosine"]
+__all__ = ["LayerStatistics", "calibration_statistics", "attention_sensitivity", "ffn_sensitivity", "column_l1", "token_cosine"]
 
 
 @dataclass
@@ -50,7 +50,12 @@ def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.float().flatten(0, -2), b.float().flatten(0, -2), dim=-1, eps=1e-8).sum()
 
 
-def attention_sensitivity(mean_abs_input: torch.Tensor, o_weight: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+def column_l1(weight: torch.Tensor) -> torch.Tensor:
+    """L1 norm of each input column of a linear weight (D_out, D_in), fp32, shape (D_in,)."""
+    return weight.detach().float().abs().sum(dim=0)
+
+
+def attention_sensitivity(mean_abs_input: torch.Tensor, o_column_norms: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """KV-group sensitivity S_attn (spec (a)): mean over the group's channels of |a_c| * ||W_o[:, c]||_1.
 
     Query head ``h`` reads KV head ``h // g`` (Hugging Face ``repeat_kv``), so the ``g * d_h``
@@ -58,37 +63,40 @@ def attention_sensitivity(mean_abs_input: torch.Tensor, o_weight: torch.Tensor, 
 
     Args:
         mean_abs_input: mean over tokens of |a|, shape (n_h * d_h,).
-        o_weight: the output projection's weight, shape (D, n_h * d_h).
+        o_column_norms: :func:`column_l1` of the output projection's weight (D, n_h * d_h).
         num_kv_heads: n_kv.
 
     Returns:
         Shape (n_kv,).
     """
-    column_norms = o_weight.detach().float().abs().sum(dim=0).to(mean_abs_input.device)
-    return (mean_abs_input * column_norms).view(num_kv_heads, -1).mean(dim=1)
+    return (mean_abs_input * o_column_norms.to(mean_abs_input.device)).view(num_kv_heads, -1).mean(dim=1)
 
 
-def ffn_sensitivity(mean_abs_input: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+def ffn_sensitivity(mean_abs_input: torch.Tensor, down_column_norms: torch.Tensor) -> torch.Tensor:
     """Intermediate-channel sensitivity S_ffn[j] = mean |u_j| * ||W_down[:, j]||_1, shape (I,).
 
     Args:
         mean_abs_input: mean over tokens of |u|, shape (I,).
-        down_weight: down_proj weight, shape (D, I).
+        down_column_norms: :func:`column_l1` of the down_proj weight (D, I).
     """
-    return mean_abs_input * down_weight.detach().float().abs().sum(dim=0).to(mean_abs_input.device)
+    return mean_abs_input * down_column_norms.to(mean_abs_input.device)
 
 
 class _InputMeans:
-    """Forward pre-hooks summing |input| per channel of chosen linear layers (fp32)."""
+    """Forward pre-hooks summing |input| per channel of chosen linear layers (fp32), and taking
+    the layers' :func:`column_l1` norms on their first call (while an onloaded layer is on the device)."""
 
     def __init__(self, modules: dict[tuple[int, str], nn.Linear]):
         self.sums = {key: torch.zeros(module.in_features) for key, module in modules.items()}
+        self.norms: dict[tuple[int, str], torch.Tensor] = {}
         self.handles = [module.register_forward_pre_hook(self._hook(key)) for key, module in modules.items()]
 
     def _hook(self, key):
         def hook(module, args):
             flat = args[0].detach().float().flatten(0, -2)
             self.sums[key] = self.sums[key].to(flat.device) + flat.abs().sum(dim=0)
+            if key not in self.norms:
+                self.norms[key] = column_l1(module.weight).cpu()
 
         return hook
 
@@ -123,8 +131,8 @@ def calibration_statistics(model: nn.Module, batches: Iterable[torch.Tensor], *,
     finally:
         means.remove()
     attention = [
-        attention_sensitivity(means.sums[(i, "o_proj")].cpu() / tokens, watched[(i, "o_proj")].weight, anatomy.num_kv_heads)
+        attention_sensitivity(means.sums[(i, "o_proj")].cpu() / tokens, means.norms[(i, "o_proj")], anatomy.num_kv_heads)
         for i in range(depth)
     ]
-    ffn = [ffn_sensitivity(means.sums[(i, "down_proj")].cpu() / tokens, watched[(i, "down_proj")].weight) for i in range(depth)]
+    ffn = [ffn_sensitivity(means.sums[(i, "down_proj")].cpu() / tokens, means.norms[(i, "down_proj")]) for i in range(depth)]
     return LayerStatistics(attention, ffn, 1 - same_layer / tokens, 1 - two_layers / tokens)

@@ -68,12 +68,20 @@ class SparsityResult:
         layer_statistic: per decoder layer, the allocation statistic (DLP median / OWL outlier ratio).
         layer_patterns: per decoder layer, ``"N:M"`` (N:M runs only).
         masks: keep masks keyed ``layers.{i}.{role}`` (bool when read, stored one bit per weight).
+        zeros: per decoder layer, the exact zeros of its projections' weights after pruning, and their sizes
+            (counted while each layer is on the compute device; :meth:`measured` turns them into fractions).
     """
 
     layer_sparsity: list[float]
     layer_statistic: list[float] | None = None
     layer_patterns: list[str] | None = None
     masks: PackedMasks = field(default_factory=PackedMasks)
+    zeros: list[tuple[int, int]] = field(default_factory=list)
+
+    def measured(self) -> dict:
+        """Fraction of exact zeros over all pruned weights, overall and per layer (as :func:`measure_sparsity`)."""
+        total = sum(size for _, size in self.zeros)
+        return {"overall": sum(z for z, _ in self.zeros) / max(total, 1), "per_layer": [z / size for z, size in self.zeros]}
 
 
 def check_method(method: str) -> None:
@@ -183,7 +191,7 @@ def _targets(result: SparsityResult, pattern: NMPattern | None, allocation: str)
     return patterns
 
 
-def _prune_layers(model, inputs, method, targets, masks, progress, options, reduce=None) -> None:
+def _prune_layers(model, inputs, method, targets, result: SparsityResult, progress, options, reduce=None) -> None:
     """Prune the layers in order, feeding each pruned layer's outputs to the next."""
     anatomy = Anatomy(model)
     hidden = inputs.hidden if inputs is not None else None
@@ -197,7 +205,9 @@ def _prune_layers(model, inputs, method, targets, masks, progress, options, redu
                 _run_layer(model, position, layer_inputs)
         for role, linear in linears.items():
             stat = stats[role] if stats else None
-            masks[f"layers.{position}.{role}"] = prune_linear(linear, method, targets[position], stat, **options)
+            result.masks[f"layers.{position}.{role}"] = prune_linear(linear, method, targets[position], stat, **options)
+        weights = [linear.weight for linear in linears.values()]
+        result.zeros.append((sum(int(torch.count_nonzero(w == 0)) for w in weights), sum(w.numel() for w in weights)))
         if hidden is not None and position + 1 < anatomy.num_layers:
             hidden = _run_layer(model, position, LayerInputs(position, hidden, inputs.kwargs))
 
@@ -279,6 +289,6 @@ def sparsify(
         options = {"blocksize": blocksize, "percdamp": percdamp, "mask_rule": mask_rule}
     else:
         options = {"magnitude_scope": magnitude_scope}
-    _prune_layers(model, inputs if method != "magnitude" else None, method, targets, result.masks, progress, options, reduce)
+    _prune_layers(model, inputs if method != "magnitude" else None, method, targets, result, progress, options, reduce)
     model.train(was_training)
     return result

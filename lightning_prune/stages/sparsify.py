@@ -22,7 +22,7 @@ from lightning_prune.errors import InputError
 from lightning_prune.sparsity import check_magnitude_scope, check_mask_rule
 from lightning_prune.sparsity.allocation import check_allocation
 from lightning_prune.sparsity.compressed import check_export_format, save_compressed
-from lightning_prune.sparsity.masks import apply_masks, measure_sparsity, prunable_linears
+from lightning_prune.sparsity.masks import apply_masks, prunable_linears
 from lightning_prune.sparsity.nm import check_mixed, check_widths, parse_pattern, resolve_sparsity
 from lightning_prune.sparsity.packing import PackedMasks, mask_checksum, unpack_mask
 from lightning_prune.sparsity.sequential import check_method, sparsify
@@ -118,7 +118,7 @@ class SparsifyStage(Stage):
             "layer_sparsity": result.layer_sparsity,
             "layer_statistic": result.layer_statistic,
             "layer_patterns": result.layer_patterns,
-            "measured": measure_sparsity(model),
+            "measured": result.measured(),
         }
         weights = {}
         if self.method == "sparsegpt":  # SparseGPT also updates the kept weights (OBS): the masks alone do not replay it
