@@ -15,7 +15,8 @@ several layers' weights (CoMe's merge) calls :func:`settle` first, so every laye
 Sending a layer home copies its (possibly edited) tensors back into host memory; with an
 ``offload_dir`` a layer whose tensors changed is written to a new safetensors file there and
 mapped back (unchanged layers are just dropped from the device), so host memory holds no
-layer's weights: the mappings are page cache the OS can reclaim. Tensors are assigned through
+layer's weights: the mappings are page cache the OS can reclaim (and glibc is asked to return
+freed layer copies to the OS, :func:`return_freed_memory`). Tensors are assigned through
 ``tensor.data`` so that parameter objects (and everything that refers to them) stay the same.
 
 Gradients through an onloaded stack need :func:`lightning_prune.importance.layerwise.layer_gradients`
@@ -122,6 +123,31 @@ def map_tensors(sources: list[tuple[str, str]]) -> list[torch.Tensor]:
 
     handles = {path: safe_open(path, "pt") for path in {path for path, _ in sources}}
     return [handles[path].get_tensor(key) for path, key in sources]
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def return_freed_memory() -> None:
+    """Hand memory that glibc keeps after frees back to the OS (``malloc_trim``; nothing elsewhere).
+
+    glibc raises its mmap threshold after large frees (up to 32 MiB), so layer-sized copies then
+    come from the heap and stay resident once freed: host memory would grow with depth although
+    nothing is kept. Called after each offloaded layer goes home.
+    """
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 class _DiskHome:
@@ -246,6 +272,8 @@ class LayerOnloader:
             return
         back = [t.data.cpu() for t in tensors]
         self._rehome(tensors, back, [self._sources.pop(h.data_ptr(), None) for h in homes])
+        del back, homes
+        return_freed_memory()
 
     def _rehome(self, tensors: list[torch.Tensor], values: list[torch.Tensor], sources: list) -> None:
         """Point ``tensors`` at fresh mappings of their files when ``values`` equal what the files hold, else write ``values``.
