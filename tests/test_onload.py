@@ -41,7 +41,7 @@ def same_weights(a, b):
 def test_scores_and_perplexity_equal_the_in_memory_model(family, storage, tmp_path):
     model = make_tiny_model(family)
     options = ScoringOptions(batch_size=4, progress=False)
-    metrics = ["block_influence", "removal_perplexity", "gradient", "taylor", "magnitude", "sbi"]
+    metrics = ["block_influence", "removal_perplexity", "gradient", "taylor", "magnitude", "sbi", "contiguous"]
     expected = {metric: score_layers(model, BLOCKS, metric, options) for metric in metrics}
     expected_ppl = perplexity(model, BLOCKS, batch_size=4, progress=False)
     twin, context = onloaded_copy(model, storage, tmp_path)
