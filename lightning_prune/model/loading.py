@@ -5,6 +5,7 @@ directory, a ``.gguf`` file, or a Hugging Face Hub id. All go through the same
 ``from_pretrained``; GGUF weights are dequantised to the requested dtype.
 """
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -114,18 +115,36 @@ def sparse_export(config) -> bool:
     return str((quantization.get("sparsity_config") or {}).get("format", "")).startswith("sparse-")
 
 
+_CONFIGS: dict[tuple, object] = {}
+
+
+def _config_key(source: ModelSource, trust_remote_code: bool) -> tuple:
+    """What a loaded config depends on: the source, and for local files their size and modification time."""
+    path = Path(source.name_or_path) / (source.gguf_file or "config.json")
+    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None
+    return source.name_or_path, source.gguf_file, trust_remote_code, stamp
+
+
 def load_config(name: str, *, trust_remote_code: bool = False):
-    """Load and check the config of a model: the family must be supported."""
+    """Load and check the config of a model: the family must be supported.
+
+    A command reads the config several times before it loads weights (checks, stages, loading);
+    reading a GGUF file's metadata takes seconds, so each source's config is read once (a changed
+    local file is read again) and every caller gets its own copy.
+    """
     from transformers import AutoConfig
 
     source = resolve_model_source(name)
-    try:
-        config = AutoConfig.from_pretrained(source.name_or_path, trust_remote_code=trust_remote_code, **source.kwargs())
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"could not load model {name!r}: {first_line}") from error
-    family_spec(config)
-    return config
+    key = _config_key(source, trust_remote_code)
+    if key not in _CONFIGS:
+        try:
+            config = AutoConfig.from_pretrained(source.name_or_path, trust_remote_code=trust_remote_code, **source.kwargs())
+        except (OSError, ValueError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise InputError(f"could not load model {name!r}: {first_line}") from error
+        family_spec(config)
+        _CONFIGS[key] = config
+    return copy.deepcopy(_CONFIGS[key])
 
 
 def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> "PreTrainedTokenizerBase":
@@ -144,6 +163,7 @@ def _from_pretrained(source: "ModelSource", config, dtype: torch.dtype, trust_re
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    was_enabled = hf_logging.is_progress_bar_enabled()
     if source.gguf_file:
         hf_logging.disable_progress_bar()
     try:
@@ -156,7 +176,8 @@ def _from_pretrained(source: "ModelSource", config, dtype: torch.dtype, trust_re
             **source.kwargs(),
         )
     finally:
-        hf_logging.enable_progress_bar()
+        if was_enabled:  # a user who turned the bars off keeps them off
+            hf_logging.enable_progress_bar()
 
 
 def load_model(
