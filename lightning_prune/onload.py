@@ -48,6 +48,7 @@ __all__ = [
     "onloading",
     "settle",
     "onloaded",
+    "holding",
     "edited",
     "map_tensors",
 ]
@@ -193,6 +194,7 @@ class LayerOnloader:
         self.model, self.device = model, torch.device(device)
         self.disk = _DiskHome(offload_dir) if offload_dir else None
         self.current: nn.Module | None = None
+        self.held: list[nn.Module] = []
         self._homes: dict[int, torch.Tensor] = {}  # id(tensor) -> its home copy while its layer is onloaded
         self._sources: dict[int, tuple[str, str]] = {}  # data pointer of a mapped home -> (file, key) it maps
         self._handles = []
@@ -248,20 +250,41 @@ class LayerOnloader:
     # ----- moving layers ----------------------------------------------------------------------
     def use(self, layer: nn.Module) -> None:
         """Make ``layer`` the one on the device (the one there before goes home)."""
-        if layer is self.current:
+        if layer is self.current or any(layer is held for held in self.held):
             return
         self.settle()
-        for tensor in _tensors(layer):
-            self._homes[id(tensor)] = tensor.data
-            tensor.data = tensor.data.to(self.device, copy=True)
+        self._bring(layer)
         self.current = layer
-        self.onloads += 1
 
     def settle(self) -> None:
         """Send the layer on the device home (with its edits); afterwards no layer is on the device."""
         if self.current is None:
             return
         layer, self.current = self.current, None
+        self._release(layer)
+
+    @contextmanager
+    def hold(self, layers) -> Iterator[None]:
+        """Keep several layers on the device together inside the block (training a window of layers:
+        their backward needs them all); they go home, with their edits, after it."""
+        self.settle()
+        self.held = list(layers)
+        for layer in self.held:
+            self._bring(layer)
+        try:
+            yield
+        finally:
+            held, self.held = self.held, []
+            for layer in held:
+                self._release(layer)
+
+    def _bring(self, layer: nn.Module) -> None:
+        for tensor in _tensors(layer):
+            self._homes[id(tensor)] = tensor.data
+            tensor.data = tensor.data.to(self.device, copy=True)
+        self.onloads += 1
+
+    def _release(self, layer: nn.Module) -> None:
         tensors = _tensors(layer)
         homes = [self._homes.pop(id(t)) for t in tensors]
         if self.disk is None:
@@ -288,7 +311,7 @@ class LayerOnloader:
 
     def commit(self, layer: nn.Module) -> None:
         """After in-place edits of a layer that is home: with an ``offload_dir``, write them to disk (else nothing to do)."""
-        if self.disk is None or layer is self.current:
+        if self.disk is None or layer is self.current or any(layer is held for held in self.held):
             return
         tensors = _tensors(layer)
         self._rehome(tensors, [t.data for t in tensors], [self._sources.pop(t.data_ptr(), None) for t in tensors])
@@ -373,6 +396,17 @@ def edited(model: nn.Module, layers) -> None:
     if onloader is not None:
         for layer in layers:
             onloader.commit(layer)
+
+
+@contextmanager
+def holding(model: nn.Module, layers) -> Iterator[None]:
+    """Inside the block ``layers`` stay on the compute device together (a no-op without an onloader)."""
+    onloader = active_onloader(model)
+    if onloader is None:
+        yield
+        return
+    with onloader.hold(layers):
+        yield
 
 
 def onloaded(model: nn.Module, layer: nn.Module) -> None:

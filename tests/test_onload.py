@@ -193,3 +193,29 @@ def test_stage_callback_plans_onloaded_and_trains_the_whole_model(tmp_path):
         assert active_onloader(module.model) is None
     assert runs["none"][0] == runs["layer"][0]
     same_weights(runs["none"][1].model, runs["layer"][1].model)  # the same two SGD steps after the same decision
+
+
+@pytest.mark.parametrize("storage", STORAGE)
+def test_held_layers_train_together_as_in_memory(storage, tmp_path):
+    from lightning_prune.capture import capture_layer_inputs, run_layers
+    from lightning_prune.onload import holding
+
+    def train(model):
+        inputs = capture_layer_inputs(model, [BLOCKS[:2]], 1)
+        layers = list(Anatomy(model).layers)[1:3]
+        with holding(model, layers):
+            parameters = [p for layer in layers for p in layer.parameters()]
+            optimizer = torch.optim.SGD(parameters, lr=0.1)
+            for _ in range(2):
+                output = run_layers(model, inputs.hidden[0], inputs.kwargs[0], [1, 2])
+                output.pow(2).mean().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+
+    model = make_tiny_model("qwen3")
+    twin, context = onloaded_copy(model, storage, tmp_path)
+    train(model)
+    with context as onloader:
+        train(twin)
+        assert onloader.held == [] and onloader.current is None
+    same_weights(model, twin)
