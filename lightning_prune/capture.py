@@ -25,6 +25,7 @@ __all__ = [
     "LayerInputs",
     "capture",
     "capture_layer_inputs",
+    "to_device",
     "layer_output",
     "layer_type",
     "run_layers",
@@ -45,15 +46,16 @@ def layer_type(model: nn.Module, position: int) -> str:
     return types[position] if isinstance(types, list) else DEFAULT_LAYER_TYPE
 
 
-def _to(obj, device):
+def to_device(obj, device, *, detach: bool = True):
+    """Tensors inside ``obj`` (nested tuples, lists, dicts) moved to ``device`` (detached unless ``detach`` is False)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to(device)
+        return (obj.detach() if detach else obj).to(device)
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(to_device(o, device, detach=detach) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [to_device(o, device, detach=detach) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device, detach=detach) for k, v in obj.items()}
     return obj
 
 
@@ -103,14 +105,14 @@ def capture(
     def pre_hook(position):
         def hook(module, args, kwargs):
             hidden, _ = _split_call(args, kwargs)
-            record.inputs.setdefault(position, []).append(_to(hidden, device or hidden.device))
+            record.inputs.setdefault(position, []).append(to_device(hidden, device or hidden.device))
 
         return hook
 
     def post_hook(position):
         def hook(module, args, kwargs, output):
             hidden = layer_output(output)
-            record.outputs.setdefault(position, []).append(_to(hidden, device or hidden.device))
+            record.outputs.setdefault(position, []).append(to_device(hidden, device or hidden.device))
 
         return hook
 
@@ -173,9 +175,9 @@ def capture_layer_inputs(
 
         def hook(module, args, kwargs, position):
             hidden, layer_kwargs = _split_call(args, kwargs)
-            seen.setdefault(types[position], _to(layer_kwargs, device or hidden.device))
+            seen.setdefault(types[position], to_device(layer_kwargs, device or hidden.device))
             if position == start:
-                hidden_list.append(_to(hidden, device or hidden.device))
+                hidden_list.append(to_device(hidden, device or hidden.device))
             if position == stop_at:
                 raise _StopForward
 
@@ -201,7 +203,7 @@ def run_layers(
     stack = Anatomy(model).layers
     for position in positions:
         kwargs = kwargs_by_type[layer_type(model, position)]
-        kwargs = _to(kwargs, hidden.device) if kwargs else kwargs
+        kwargs = to_device(kwargs, hidden.device) if kwargs else kwargs
         hidden = layer_output(stack[position](hidden, **kwargs))
     return hidden
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_prune.capture import to_device
 from lightning_prune.errors import InputError
 from lightning_prune.model.anatomy import Anatomy
 
@@ -224,7 +225,7 @@ class LayerOnloader:
             if active is None or not active.attached:
                 return None
             active.use(module)
-            return _on(args, active.device), _on(kwargs, active.device)
+            return to_device(args, active.device, detach=False), to_device(kwargs, active.device, detach=False)
 
         self._handles = [layer.register_forward_pre_hook(bring_in, with_kwargs=True) for layer in layers]
         self.attached = True
@@ -346,19 +347,6 @@ class LayerOnloader:
 def _holds(stored: list[torch.Tensor], values: list[torch.Tensor]) -> bool:
     """Whether ``stored`` equals ``values`` tensor by tensor (dtype, shape and every element)."""
     return all(s.dtype == v.dtype and s.shape == v.shape and torch.equal(s, v) for s, v in zip(stored, values))
-
-
-def _on(value, device: torch.device):
-    """Tensors inside ``value`` (nested tuples, lists, dicts) moved to ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_on(v, device) for v in value)
-    if isinstance(value, list):
-        return [_on(v, device) for v in value]
-    if isinstance(value, dict):
-        return {k: _on(v, device) for k, v in value.items()}
-    return value
 
 
 def active_onloader(model: nn.Module) -> LayerOnloader | None:
