@@ -184,7 +184,7 @@ DDP_SCRIPT = textwrap.dedent(
     from lightning_prune.callbacks import StageCallback
     from lightning_prune.stages import PruneStage
 
-    callback = StageCallback([PruneStage(metric="{metric}", selection="iterative", num_layers=2, batch_size=2)])
+    callback = StageCallback([PruneStage(metric="{metric}", selection="iterative", num_layers=2, batch_size=2)], onload="{onload}")
     module = TinyModule()
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, callbacks=[callback], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -200,10 +200,10 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("metric", ["block_influence", "removal_perplexity"])
-def test_ddp_ranks_score_their_shards_reduce_and_agree(tmp_path, metric):
+@pytest.mark.parametrize(("metric", "onload"), [("block_influence", "none"), ("removal_perplexity", "none"), ("block_influence", "layer")])
+def test_ddp_ranks_score_their_shards_reduce_and_agree(tmp_path, metric, onload):
     script = tmp_path / "ddp_run.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(TESTS), out=str(tmp_path), metric=metric))
+    script.write_text(DDP_SCRIPT.format(tests=str(TESTS), out=str(tmp_path), metric=metric, onload=onload))
     launch([script], PYTHONPATH=str(TESTS))
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0]["removed"] == ranks[1]["removed"] and len(ranks[0]["removed"]) == 2
