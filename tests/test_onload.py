@@ -219,3 +219,26 @@ def test_held_layers_train_together_as_in_memory(storage, tmp_path):
         train(twin)
         assert onloader.held == [] and onloader.current is None
     same_weights(model, twin)
+
+
+@pytest.mark.parametrize("storage", STORAGE)
+def test_prune_then_gap_distillation_trains_the_window_as_in_memory(storage, tmp_path):
+    from lightning_prune.stages import GapDistillStage
+
+    def run(model):
+        stages = [PruneStage(layers=[2, 3]), GapDistillStage(layers_before=1, layers_after=1, steps=3, batch_size=4)]
+        stages[1].observe(model, BLOCKS, progress=False)
+        decisions = []
+        for stage in stages:
+            stage.follow(decisions)
+            decisions.append(stage.plan(model, BLOCKS, progress=False))
+        return decisions[1]
+
+    model = make_tiny_model("llama")
+    twin, context = onloaded_copy(model, storage, tmp_path)
+    expected = run(model)
+    with context:
+        got = run(twin)
+    for ours, theirs in zip(got.measurements()["gap_loss"], expected.measurements()["gap_loss"], strict=True):
+        assert ours == pytest.approx(theirs, rel=1e-5)
+    same_weights(model, twin)

@@ -41,6 +41,7 @@ from lightning_prune.errors import InputError
 from lightning_prune.merging.distill import check_distillation_loss, distillation_loss, layer_outputs
 from lightning_prune.model.anatomy import Anatomy
 from lightning_prune.modules.optim import warmup_cosine
+from lightning_prune.onload import holding
 from lightning_prune.stages.base import Decision, Reduce, Stage, identity_reduce
 
 __all__ = ["GapDistillStage", "GapDistillDecision", "layer_spans", "gap_windows"]
@@ -214,39 +215,40 @@ class GapDistillStage(Stage):
         goals = list(targets.split(self.batch_size))
         inputs = capture_layer_inputs(model, batches, start=window["start"])
         parameters = [p for c in positions for p in Anatomy(model).layers[c].parameters()]
-        flags = [p.requires_grad for p in parameters]
-        for parameter in parameters:
-            parameter.requires_grad_(True)
-        norm = Anatomy(model).final_norm
-        ranks = reduce(torch.ones((), device=parameters[0].device))
-        optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup_steps=0, total_steps=self.steps))
+        with holding(model, [Anatomy(model).layers[c] for c in positions]):  # onloaded: the window trains on the device
+            flags = [p.requires_grad for p in parameters]
+            for parameter in parameters:
+                parameter.requires_grad_(True)
+            norm = Anatomy(model).final_norm
+            ranks = reduce(torch.ones((), device=parameters[0].device))
+            optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup_steps=0, total_steps=self.steps))
 
-        def loss_on(b: int) -> torch.Tensor:
-            prediction = run_layers(model, inputs.hidden[b], inputs.kwargs[b], positions)
-            return distillation_loss(self.loss, goals[b].to(prediction), prediction, norm=norm)
+            def loss_on(b: int) -> torch.Tensor:
+                prediction = run_layers(model, inputs.hidden[b], inputs.kwargs[b], positions)
+                return distillation_loss(self.loss, goals[b].to(prediction), prediction, norm=norm)
 
-        def mean_loss() -> float:
-            with torch.no_grad():
-                total = sum(loss_on(b).float() * len(batches[b]) for b in range(len(batches)))
-            return float(reduce(total.reshape(1)) / reduce(torch.tensor([float(len(blocks))], device=total.device)))
+            def mean_loss() -> float:
+                with torch.no_grad():
+                    total = sum(loss_on(b).float() * len(batches[b]) for b in range(len(batches)))
+                return float(reduce(total.reshape(1)) / reduce(torch.tensor([float(len(blocks))], device=total.device)))
 
-        before = mean_loss()
-        generator = torch.Generator().manual_seed(self.seed + index)
-        order: list[int] = []
-        with torch.enable_grad():
-            for _ in range(self.steps):
-                if not order:
-                    order = torch.randperm(len(batches), generator=generator).tolist()
-                gradients = torch.autograd.grad(loss_on(order.pop()), parameters)
-                for parameter, gradient in zip(parameters, gradients):
-                    parameter.grad = reduce(gradient) / ranks
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-        for parameter, flag in zip(parameters, flags):
-            parameter.requires_grad_(flag)
-        return {"loss_before": before, "loss_after": mean_loss()}
+            before = mean_loss()
+            generator = torch.Generator().manual_seed(self.seed + index)
+            order: list[int] = []
+            with torch.enable_grad():
+                for _ in range(self.steps):
+                    if not order:
+                        order = torch.randperm(len(batches), generator=generator).tolist()
+                    gradients = torch.autograd.grad(loss_on(order.pop()), parameters)
+                    for parameter, gradient in zip(parameters, gradients):
+                        parameter.grad = reduce(gradient) / ranks
+                    optimizer.step()
+                    schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+            for parameter, flag in zip(parameters, flags):
+                parameter.requires_grad_(flag)
+            return {"loss_before": before, "loss_after": mean_loss()}
 
 
 class GapDistillDecision(Decision):
