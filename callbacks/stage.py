@@ -253,6 +253,8 @@ class StageCallback(L.Callback):
             "model": self.source,
             "stages": [{"name": s.name, **asdict(s)} for s in self.stages],
             "evaluation": self.evaluation.settings() if self.evaluation else None,
+            "onload": self.onload,
+            "offload_dir": self.offload_dir,
         }
         self.run(trainer).write_json("metrics.json", {**self.results, "settings": settings, "versions": package_versions()})
 
