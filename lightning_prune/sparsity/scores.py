@@ -66,12 +66,13 @@ class InputStatistics:
         self.gram = torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if hessian else None
         self.tokens = 0
 
-    def update(self, inputs: torch.Tensor) -> None:
-        """Add a batch of inputs (..., C_in)."""
-        rows = inputs.detach().reshape(-1, inputs.shape[-1]).float()
-        self.squared_sum += rows.square().sum(0)
+    def update(self, inputs: torch.Tensor, products: "_BatchProducts | None" = None) -> None:
+        """Add a batch of inputs (..., C_in); ``products`` computes each batch's sums once for linears fed the same tensor."""
+        products = products if products is not None else _BatchProducts()
+        rows, squared = products.sums(inputs)
+        self.squared_sum += squared
         if self.gram is not None:
-            self.gram += rows.T @ rows
+            self.gram += products.gram()
         self.tokens += rows.shape[0]
 
     def all_reduce(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -92,6 +93,34 @@ class InputStatistics:
         return self.gram * (2.0 / max(self.tokens, 1))
 
 
+class _BatchProducts:
+    """The fp32 rows, squared column sums and Gram matrix of the last input tensor seen.
+
+    Linears that are fed the very same tensor (the same object, not changed in place since:
+    its version counter) reuse them; any other tensor replaces them. The Gram matrix is
+    computed only when asked for, so Wanda's statistics never pay for it.
+    """
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self._input, self._version, self._rows, self._squared, self._gram = None, None, None, None, None
+
+    def sums(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows (tokens × C_in, fp32), Σ_tokens x_j²) of ``inputs``."""
+        if inputs is not self._input or inputs._version != self._version:
+            rows = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+            self._input, self._version, self._rows, self._squared, self._gram = inputs, inputs._version, rows, rows.square().sum(0), None
+        return self._rows, self._squared
+
+    def gram(self) -> torch.Tensor:
+        """XᵀX (fp32) of the rows of the last :meth:`sums`."""
+        if self._gram is None:
+            self._gram = self._rows.T @ self._rows
+        return self._gram
+
+
 @contextmanager
 def collect_statistics(
     linears: dict[str, nn.Module], *, hessian: bool, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -102,12 +131,17 @@ def collect_statistics(
     so every rank leaves with the statistics of all ranks' calibration shards.
     """
     stats = {name: InputStatistics(module.in_features, hessian=hessian, device=module.weight.device) for name, module in linears.items()}
-    handles = [module.register_forward_pre_hook(lambda m, args, name=name: stats[name].update(args[0])) for name, module in linears.items()]
+    products = _BatchProducts()  # q/k/v (and gate/up) receive one tensor: its XᵀX is computed once, not per linear
+    handles = [
+        module.register_forward_pre_hook(lambda m, args, name=name: stats[name].update(args[0], products))
+        for name, module in linears.items()
+    ]
     try:
         yield stats
     finally:
         for handle in handles:
             handle.remove()
+        products.clear()
     if reduce is not None:
         for name in sorted(stats):  # the same collective order on every rank
             stats[name].all_reduce(reduce)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from lightning_prune.capture import LayerInputs, capture_layer_inputs, run_layers
 from lightning_prune.errors import InputError
 from lightning_prune.model.anatomy import Anatomy
-from lightning_prune.onload import onloaded
+from lightning_prune.onload import onloaded, return_freed_memory
 from lightning_prune.sparsity.allocation import (
     OWL_OUTLIER_MULTIPLE,
     allocate,
@@ -54,7 +54,7 @@ from lightning_prune.sparsity.scores import (
     magnitude_scores,
     wanda_scores,
 )
-from lightning_prune.sparsity.sparsegpt import check_mask_rule, sparsegpt_prune
+from lightning_prune.sparsity.sparsegpt import check_mask_rule, inverse_hessian_factor, sparsegpt_prune
 
 __all__ = ["SparsityResult", "allocation_statistics", "check_method", "prune_linear", "sparsify"]
 
@@ -70,6 +70,9 @@ class SparsityResult:
         masks: keep masks keyed ``layers.{i}.{role}`` (bool when read, stored one bit per weight).
         zeros: per decoder layer, the exact zeros of its projections' weights after pruning, and their sizes
             (counted while each layer is on the compute device; :meth:`measured` turns them into fractions).
+        kept: SparseGPT only: per projection (keyed as ``masks``), its kept weights after the OBS update, in
+            row-major order of the mask (CPU; taken while the layer is on the compute device). With the masks
+            they give the pruned weights back, without holding a second full copy of them.
     """
 
     layer_sparsity: list[float]
@@ -77,6 +80,7 @@ class SparsityResult:
     layer_patterns: list[str] | None = None
     masks: PackedMasks = field(default_factory=PackedMasks)
     zeros: list[tuple[int, int]] = field(default_factory=list)
+    kept: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def measured(self) -> dict:
         """Fraction of exact zeros over all pruned weights, overall and per layer (as :func:`measure_sparsity`)."""
@@ -112,14 +116,15 @@ def prune_linear(
         stats: the projection's input statistics (``None`` for magnitude).
         magnitude_scope: unstructured magnitude only: ``"row"`` (exact count per output row) or
             ``"matrix"`` (one threshold over the whole projection, 003's Magnitude baseline).
-        **sparsegpt_options: ``blocksize``, ``percdamp``, ``mask_rule`` of :func:`sparsegpt_prune`.
+        **sparsegpt_options: ``blocksize``, ``percdamp``, ``mask_rule``, ``factor`` of :func:`sparsegpt_prune`.
     """
     check_magnitude_scope(magnitude_scope)
     weight = linear.weight
     pattern = target if isinstance(target, NMPattern) else None
     counts = None if pattern else row_counts(*weight.shape, target)
     if method == "sparsegpt":
-        new_weight, keep = sparsegpt_prune(weight, stats.hessian, counts=counts, pattern=pattern, **sparsegpt_options)
+        hessian = stats.hessian if sparsegpt_options.get("factor") is None else None  # a given factor already holds H
+        new_weight, keep = sparsegpt_prune(weight, hessian, counts=counts, pattern=pattern, **sparsegpt_options)
         weight.data.copy_(new_weight.to(weight.dtype))
         return keep
     scores = magnitude_scores(weight) if method == "magnitude" else wanda_scores(weight, stats)
@@ -191,6 +196,20 @@ def _targets(result: SparsityResult, pattern: NMPattern | None, allocation: str)
     return patterns
 
 
+def _shared_factor(factors: list[tuple[InputStatistics, torch.Tensor]], stats: InputStatistics, percdamp: float) -> torch.Tensor:
+    """SparseGPT's inverse-Hessian factor, computed once per distinct Hessian of a layer (q/k/v, gate/up share theirs).
+
+    Two linears' Hessians are equal when their Gram sums and token counts are (linears fed the same
+    tensor accumulate the same products in the same order, :func:`collect_statistics`).
+    """
+    for known, factor in factors:
+        if known.tokens == stats.tokens and torch.equal(known.gram, stats.gram):
+            return factor
+    factor = inverse_hessian_factor(stats.hessian, percdamp, overwrite=True)  # stats.hessian is a new tensor
+    factors.append((stats, factor))
+    return factor
+
+
 def _prune_layers(model, inputs, method, targets, result: SparsityResult, progress, options, reduce=None) -> None:
     """Prune the layers in order, feeding each pruned layer's outputs to the next."""
     anatomy = Anatomy(model)
@@ -203,13 +222,21 @@ def _prune_layers(model, inputs, method, targets, result: SparsityResult, progre
             layer_inputs = LayerInputs(position, hidden, inputs.kwargs)
             with collect_statistics(linears, hessian=method == "sparsegpt", reduce=reduce) as stats:
                 _run_layer(model, position, layer_inputs)
+        factors: list[tuple[InputStatistics, torch.Tensor]] = []  # the inverse factor of each distinct input of this layer
         for role, linear in linears.items():
             stat = stats[role] if stats else None
-            result.masks[f"layers.{position}.{role}"] = prune_linear(linear, method, targets[position], stat, **options)
+            extra = {"factor": _shared_factor(factors, stat, options["percdamp"])} if method == "sparsegpt" else {}
+            name = f"layers.{position}.{role}"
+            keep = prune_linear(linear, method, targets[position], stat, **options, **extra)
+            result.masks[name] = keep
+            if method == "sparsegpt":  # the OBS update changed the kept weights: the decision stores them (only them)
+                result.kept[name] = linear.weight.detach()[keep].cpu()
         weights = [linear.weight for linear in linears.values()]
         result.zeros.append((sum(int(torch.count_nonzero(w == 0)) for w in weights), sum(w.numel() for w in weights)))
         if hidden is not None and position + 1 < anatomy.num_layers:
             hidden = _run_layer(model, position, LayerInputs(position, hidden, inputs.kwargs))
+        del stats, factors
+        return_freed_memory()  # the layer's statistics and temporaries: not kept resident by the allocator
 
 
 @torch.no_grad()

@@ -42,22 +42,27 @@ def check_mask_rule(mask_rule: str) -> None:
         )
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01, retries: int = 6) -> torch.Tensor:
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01, retries: int = 6, *, overwrite: bool = False) -> torch.Tensor:
     """Upper Cholesky factor U of (H + λI)⁻¹, λ = ``percdamp`` · mean diag(H).
 
     Dead inputs (zero diagonal) get a unit diagonal. When the factorisation fails the
-    dampening is multiplied by 10 and tried again, up to ``retries`` times.
+    dampening is multiplied by 10 and tried again, up to ``retries`` times. Computed in fp64 from
+    one copy of ``hessian`` (damped in place), with at most three (C_in × C_in) fp64 matrices alive;
+    ``overwrite=True`` damps an fp64 ``hessian`` itself instead of a copy (the caller's own tensor).
     """
-    hessian = hessian.clone().double()
-    diagonal = torch.diagonal(hessian)
+    work = hessian if overwrite and hessian.dtype == torch.float64 else hessian.to(torch.float64, copy=True)
+    diagonal = torch.diagonal(work)
     diagonal[diagonal == 0] = 1.0
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    damp = percdamp * float(diagonal.mean())
+    undamped = diagonal.clone()
+    damp = percdamp * float(undamped.mean())
     for _ in range(retries + 1):
-        lower, info = torch.linalg.cholesky_ex(hessian + damp * eye)
+        diagonal.copy_(undamped + damp)
+        lower, info = torch.linalg.cholesky_ex(work)
         if int(info) == 0:
             inverse = torch.cholesky_inverse(lower)
+            del lower  # at most three (C_in × C_in) fp64 matrices at a time
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0:
                 return upper.float()
         damp *= 10.0
@@ -83,40 +88,54 @@ def _unstructured_block_mask(scores: torch.Tensor, counts: torch.Tensor, start: 
     return topk_keep_mask(scores, _block_counts(counts, start, end, cols))
 
 
+INNER_COLUMNS = 16
+"""Columns per inner step of :func:`_prune_block`: each column's error updates only the rest of its
+inner step (a rank-1 update), the block's later columns get the whole step's errors at once (a matrix
+product). The same updates as one rank-1 update per column over the whole block, in another order of
+summation; the rank-1 updates touch at most 16 columns instead of up to ``blocksize``."""
+
+
 def _prune_block(block: torch.Tensor, factor: torch.Tensor, keep: torch.Tensor, pattern: NMPattern | None):
-    """OBS column loop on one block (rows × width); returns pruned block and its errors."""
-    pruned = torch.zeros_like(block)
-    errors = torch.zeros_like(block)
+    """OBS column loop on one block (rows × width), updated in place; returns the pruned block and its errors.
+
+    ``keep`` is the block's mask (filled here group by group for an N:M ``pattern``).
+    """
+    errors = torch.empty_like(block)
     diagonal = torch.diagonal(factor)
-    for i in range(block.shape[1]):
-        if pattern is not None and i % pattern.m == 0:
-            group = slice(i, i + pattern.m)
-            keep[:, group] = nm_keep_mask(block[:, group].square() / diagonal[group].square(), pattern)
-        column = block[:, i]
-        kept = column * keep[:, i]
-        pruned[:, i] = kept
-        error = (column - kept) / factor[i, i]
-        block[:, i:] -= error[:, None] * factor[i, i:][None, :]
-        errors[:, i] = error
-    return pruned, errors
+    width = block.shape[1]
+    inner = INNER_COLUMNS if pattern is None else pattern.m * max(1, INNER_COLUMNS // pattern.m)  # N:M groups never straddle
+    for start in range(0, width, inner):
+        end = min(start + inner, width)
+        for i in range(start, end):
+            if pattern is not None and i % pattern.m == 0:
+                group = slice(i, i + pattern.m)
+                keep[:, group] = nm_keep_mask(block[:, group].square() / diagonal[group].square(), pattern)
+            error = block[:, i] * ~keep[:, i] / diagonal[i]  # the pruned weights' OBS errors, 0 where kept
+            block[:, i:end].addr_(error, factor[i, i:end], alpha=-1)
+            errors[:, i] = error
+        if end < width:
+            block[:, end:].addmm_(errors[:, start:end], factor[start:end, end:], alpha=-1)
+    # a column is final once processed; its kept weights are untouched by their own (zero) errors
+    return block * keep, errors
 
 
 @torch.no_grad()
 def sparsegpt_prune(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | None,
     *,
     counts: torch.Tensor | None = None,
     pattern: NMPattern | None = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
     mask_rule: str = "block",
+    factor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` (C_out, C_in) and update the kept weights to reconstruct ``W X``.
 
     Args:
         weight: the layer's weight (not modified).
-        hessian: (C_in, C_in) H = 2XᵀX/n.
+        hessian: (C_in, C_in) H = 2XᵀX/n (``None`` when ``factor`` is given).
         counts: (C_out,) weights to prune per row (unstructured; the ``"block"`` rule uses only
             their sum, the matrix total); or
         pattern: an N:M pattern (``mask_rule`` is then irrelevant).
@@ -125,6 +144,8 @@ def sparsegpt_prune(
         mask_rule: ``"block"`` (default): one threshold per column block over all rows, the
             reference implementation's rule (SparseGPT §3, adaptive mask selection); ``"row"``:
             exact per-row counts.
+        factor: :func:`inverse_hessian_factor` of ``hessian`` with ``percdamp``, when already computed
+            (linears fed the same inputs share it); ``hessian`` is then not read.
 
     Returns:
         (new weight in fp32, bool keep mask), both (C_out, C_in).
@@ -135,7 +156,11 @@ def sparsegpt_prune(
     check_mask_rule(mask_rule)
     rows, cols = weight.shape
     work = weight.detach().float().clone()
-    factor = inverse_hessian_factor(hessian.to(work.device), percdamp)
+    if factor is None:
+        if hessian is None:
+            raise ValueError("sparsegpt_prune needs the Hessian or its inverse factor")
+        factor = inverse_hessian_factor(hessian.to(work.device), percdamp)
+    factor = factor.to(work.device)
     keep = torch.ones(rows, cols, dtype=torch.bool, device=work.device)
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
@@ -146,7 +171,7 @@ def sparsegpt_prune(
         pruned, errors = _prune_block(block, block_factor, keep[:, start:end], pattern)
         work[:, start:end] = pruned
         work[:, end:] -= errors @ factor[start:end, end:]
-    return work * keep, keep
+    return work.masked_fill_(~keep, 0.0), keep  # +0.0 where pruned, as a replay from the kept values gives
 
 
 @torch.no_grad()

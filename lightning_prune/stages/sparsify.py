@@ -3,7 +3,8 @@
 The math lives in :mod:`lightning_prune.sparsity`; a :class:`SparsityDecision` holds the
 keep masks (keyed ``layers.{i}.{role}``, stored one bit per weight: :class:`PackedMasks`),
 per-layer sparsities and, for SparseGPT (whose OBS update also changes the kept weights), the
-pruned weights themselves. During training it keeps trainable masked weights at zero
+kept weights' new values (only those: with the masks they are the pruned weights; plans written
+before this held the whole pruned weights, which still replay). During training it keeps trainable masked weights at zero
 (gradients masked before the step, weights re-masked after it, each mask unpacked on the
 weight's device only while it is used); frozen bases (LoRA, 4-bit QLoRA) are left alone since
 they cannot change, and the exported model gets the masks again after the adapters are merged
@@ -120,22 +121,33 @@ class SparsifyStage(Stage):
             "layer_patterns": result.layer_patterns,
             "measured": result.measured(),
         }
-        weights = {}
-        if self.method == "sparsegpt":  # SparseGPT also updates the kept weights (OBS): the masks alone do not replay it
-            linears = dict(prunable_linears(model))
-            weights = {name: linears[name].weight.detach().cpu().clone() for name in result.masks}
-        return SparsityDecision(record, result.masks, weights)
+        # SparseGPT also updates the kept weights (OBS): the masks alone do not replay it, their kept values do
+        return SparsityDecision(record, result.masks, kept=result.kept)
 
 
 class SparsityDecision(Decision):
-    """Keep masks per projection (``True`` = kept, stored one bit per weight) and the allocation that produced them."""
+    """Keep masks per projection (``True`` = kept, stored one bit per weight) and the allocation that produced them.
+
+    Args:
+        record: the settings, allocation and measurements (JSON).
+        masks: keep masks by projection name.
+        weights: whole pruned weights by name (plans written before ``kept`` existed).
+        kept: SparseGPT: the kept weights' values by name, in row-major order of the mask.
+    """
 
     kind = "sparsify"
 
-    def __init__(self, record: dict, masks: Mapping[str, torch.Tensor], weights: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        record: dict,
+        masks: Mapping[str, torch.Tensor],
+        weights: dict[str, torch.Tensor] | None = None,
+        kept: dict[str, torch.Tensor] | None = None,
+    ):
         self.record = record
         self.masks = masks if isinstance(masks, PackedMasks) else PackedMasks(masks)
         self.weights = dict(weights or {})
+        self.kept = dict(kept or {})
         self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}  # packed bits of trainable weights
 
     def apply(self, model: nn.Module) -> None:
@@ -148,9 +160,17 @@ class SparsityDecision(Decision):
                 raise InputError(
                     f"sparsity mask {name!r} has shape {self.masks.shape(name)}, the model's weight {tuple(linears[name].weight.shape)}"
                 )
+        for name, values in self.kept.items():
+            if name not in self.masks or values.numel() != self.masks.kept(name):
+                kept = self.masks.kept(name) if name in self.masks else "no"
+                raise InputError(f"the sparsity plan has {values.numel()} kept weights for {name!r}, its mask keeps {kept}")
         with torch.no_grad():
             for name, weight in self.weights.items():
                 linears[name].weight.copy_(weight.to(linears[name].weight))
+            for name, values in self.kept.items():  # the kept values in place, +0.0 elsewhere (as SparseGPT leaves them)
+                weight = linears[name].weight
+                keep = self.masks[name].to(weight.device)
+                weight.copy_(torch.zeros_like(weight).masked_scatter_(keep, values.to(weight)))
         apply_masks(model, self.masks)
 
     def _trainable_masks(self, model: nn.Module):
@@ -190,11 +210,12 @@ class SparsityDecision(Decision):
         return self.record
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Packed masks (``packed.{name}``, uint8, 1 bit per weight) with their shapes, and SparseGPT's weights."""
+        """Packed masks (``packed.{name}``, uint8, 1 bit per weight) with their shapes, and SparseGPT's kept weights."""
         return {
             **{f"packed.{name}": self.masks.packed(name) for name in self.masks},
             **{f"shape.{name}": torch.tensor(self.masks.shape(name)) for name in self.masks},
             **{f"weight.{name}": weight for name, weight in self.weights.items()},
+            **{f"kept.{name}": values for name, values in self.kept.items()},
         }
 
     @classmethod
@@ -207,7 +228,7 @@ class SparsityDecision(Decision):
         masks.update(named("mask."))  # plans written before packing hold bool masks
         if not masks:
             raise InputError("sparsity decision has no masks (decisions.safetensors missing or from another plan)")
-        return cls(data, masks, named("weight."))
+        return cls(data, masks, named("weight."), named("kept."))
 
     def summary(self) -> str:
         settings = self.record["settings"]
