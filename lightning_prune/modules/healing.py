@@ -1,4 +1,4 @@
-"""``HealingModule``: heal a pruned model with LoRA, or QLoRA with ``quantize: nf4``.
+"""``HealingModule``: heal a pruned model with LoRA, QLoRA with ``quantize: nf4``, or every weight with ``finetune: full``.
 
 Paper 002 App. E.7: after pruning, fine-tune LoRA adapters (peft) on the MLP projections
 ``[gate_proj, up_proj, down_proj]`` with rank 2, alpha 2, dropout 0.05, peak learning rate
@@ -14,6 +14,12 @@ architecture. Only adapter parameters train. At the end of fit the adapters are 
 plain full-precision copy (QLoRA: into the dequantised base); ``StageCallback`` saves it as
 ``run_dir/model`` and the adapter alone as ``run_dir/adapter``. The LoRA plumbing itself is
 Lightning-free, in :mod:`lightning_prune.lora`.
+
+``finetune: full`` attaches no adapters: every decoder weight (and the final norm) trains, the
+embeddings too with ``train_embeddings: true`` (with tied embeddings that is the LM head as
+well). Minitron heals its depth-pruned models this way, on the teacher's logits; pair it with
+``distill`` and a learning rate about ten times below LoRA's. The saved model is the trained
+model itself.
 """
 
 import copy
@@ -38,11 +44,12 @@ from lightning_prune.lora import (
 from lightning_prune.model.loading import DTYPES, load_model
 from lightning_prune.modules.causal_lm import CausalLMModule
 from lightning_prune.sparsity.masks import unwrap_model
-from lightning_prune.teacher import TeacherDistillation, causal_lm_loss, distillation_kl, final_hidden
+from lightning_prune.teacher import TeacherDistillation, final_hidden, head_losses
 
-__all__ = ["HealingModule"]
+__all__ = ["HealingModule", "FINETUNE_MODES"]
 
 CHECKPOINT_KEY = "healing_model"
+FINETUNE_MODES = ("lora", "full")
 
 
 def _is_bitsandbytes_linear(module: nn.Module) -> bool:
@@ -51,7 +58,7 @@ def _is_bitsandbytes_linear(module: nn.Module) -> bool:
 
 
 class HealingModule(CausalLMModule):
-    """LoRA / QLoRA healing of a (pruned) causal LM (paper 002 App. E.7).
+    """LoRA / QLoRA (paper 002 App. E.7) or full-parameter healing of a (pruned) causal LM.
 
     Training batches are token blocks (B, T); the loss is the causal-LM cross-entropy and
     validation logs ``val_perplexity`` (see :class:`CausalLMModule`).
@@ -73,6 +80,10 @@ class HealingModule(CausalLMModule):
         warmup_steps: linear warm-up optimizer steps before the cosine decay (paper 002: 100).
         distill: heal on the logits of a frozen teacher (the dense model before the stages by
             default; Minitron-style forward KL) instead of, or mixed with, the LM loss; unset: LM loss.
+        finetune: ``lora`` (adapters; the LoRA/QLoRA options above apply) or ``full`` (no adapters:
+            every decoder weight trains; ``quantize`` must be unset).
+        train_embeddings: with ``finetune: full``, the input embeddings (and a tied LM head) train too;
+            false keeps them frozen (an untied LM head still trains).
     """
 
     def __init__(
@@ -91,6 +102,8 @@ class HealingModule(CausalLMModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 100,
         distill: TeacherDistillation | None = None,
+        finetune: str = "lora",
+        train_embeddings: bool = False,
     ):
         if lora_rank <= 0:
             raise InputError(f"lora_rank {lora_rank} must be a positive integer (paper 002 uses 2)")
@@ -98,6 +111,12 @@ class HealingModule(CausalLMModule):
             raise InputError(f"lora_dropout {lora_dropout} must be in [0, 1)")
         if compute_dtype != "auto" and compute_dtype not in DTYPES:
             raise InputError(f"compute_dtype {compute_dtype!r} is not supported; choose auto or one of {', '.join(DTYPES)}")
+        if finetune not in FINETUNE_MODES:
+            raise InputError(f"finetune {finetune!r} is not known; choose one of {', '.join(FINETUNE_MODES)}")
+        if finetune == "full" and quantize:
+            raise InputError(
+                f"finetune: full trains every weight and cannot use a {quantize} base; leave quantize unset or use finetune: lora"
+            )
         check_bitsandbytes(quantize)
         if isinstance(distill, dict):  # hyper-parameters of a checkpoint store it as plain data
             distill = TeacherDistillation(**distill)
@@ -159,11 +178,14 @@ class HealingModule(CausalLMModule):
         )
 
     def setup(self, stage: str) -> None:
-        """After the callbacks' ``setup`` (pruning): quantise (QLoRA) and attach adapters, once."""
+        """After the callbacks' ``setup`` (pruning): quantise (QLoRA) and attach adapters, or unfreeze (full), once."""
         self.configure_model()
+        hp = self.hparams
+        if hp.finetune == "full":
+            self._prepare_full()
+            return
         if isinstance(self.model, PeftModel):
             return
-        hp = self.hparams
         check_lora_targets(self.model, list(hp.target_modules))
         model = self.model
         if hp.quantize:
@@ -178,40 +200,49 @@ class HealingModule(CausalLMModule):
         expected = adapter_parameter_count(self.model, hp.lora_rank)
         assert trainable == expected, f"{trainable} trainable parameters, expected {expected} (LoRA adapters only)"
 
+    def _prepare_full(self) -> None:
+        """Full-parameter healing: every weight trains except the input embeddings (unless ``train_embeddings``); idempotent."""
+        model = self.model
+        model.requires_grad_(True)
+        if not self.hparams.train_embeddings:
+            model.get_input_embeddings().requires_grad_(False)  # a tied LM head shares this weight and stays frozen too
+        if self.hparams.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+
     def training_step(self, batch: torch.Tensor, batch_index: int) -> torch.Tensor:
-        distill = self.distill
-        if distill is None:
+        if self.distill is None:
             return super().training_step(batch, batch_index)
-        kd, lm = self.distillation_losses(batch)
-        loss = distill.alpha * kd + (1 - distill.alpha) * lm if distill.alpha < 1 else kd
+        loss, kd, lm = self.distillation_losses(batch, total=True)
         self.log_dict({"train_loss": loss, "train_kd": kd}, prog_bar=True)
         return loss
 
-    def distillation_losses(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logit KL to the teacher, LM loss; the latter only when ``alpha < 1``) on one batch of blocks (B, T)."""
+    def distillation_losses(self, batch: torch.Tensor, *, total: bool = False) -> tuple[torch.Tensor, ...]:
+        """(logit KL to the teacher, LM loss; the latter only when ``alpha < 1``) on one batch of blocks (B, T).
+
+        ``total=True`` puts the training loss ``alpha x KL + (1 - alpha) x LM`` first. Both losses
+        come from one chunked pass through the student's LM head (:func:`~lightning_prune.teacher.head_losses`).
+        """
         distill, student = self.distill, unwrap_model(self.model)
         self.teacher.eval()
         with torch.no_grad():
             teacher_hidden = final_hidden(self.teacher, batch)
-        hidden = final_hidden(student, batch)
-        kd = distillation_kl(
-            hidden,
-            teacher_hidden,
+        losses = head_losses(
+            final_hidden(student, batch),
             student.get_output_embeddings(),
-            self.teacher.get_output_embeddings(),
+            teacher_hidden=teacher_hidden,
+            teacher_head=self.teacher.get_output_embeddings(),
+            input_ids=batch,
+            alpha=distill.alpha,
             temperature=distill.temperature,
             loss=distill.loss,
             chunk_tokens=distill.chunk_tokens,
         )
-        lm = (
-            causal_lm_loss(hidden, student.get_output_embeddings(), batch, chunk_tokens=distill.chunk_tokens)
-            if distill.alpha < 1
-            else kd.new_zeros(())
-        )
-        return kd, lm
+        return losses if total else losses[1:]
 
     def export_model(self) -> nn.Module:
-        """The merged plain Hugging Face model (adapters folded into a full-precision copy)."""
+        """The plain Hugging Face model: adapters folded into a full-precision copy; ``full``: the trained model."""
+        if self.hparams.finetune == "full":
+            return self.model
         return merged_copy(self.model, self.resolved_dtype(self.hparams.dtype))
 
     def rebuilt_keys(self) -> list[str]:
