@@ -57,12 +57,18 @@ CONFIGS = {
     "kd_r8_lr3e-4": ("pruned", [*LORA_KD], batch(4, 4)),
     "kd_r8_lr1e-3": ("pruned", [*LORA_KD, *lr("1e-3")], batch(4, 4)),
     "kd_r8_lr1e-3_b4": ("pruned", [*LORA_KD, *lr("1e-3")], batch(4, 1)),
+    "kd_r8_lr3e-3": ("pruned", [*LORA_KD, *lr("3e-3")], batch(4, 4)),
+    "kd_r8_lr3e-3_b4": ("pruned", [*LORA_KD, *lr("3e-3")], batch(4, 1)),
+    "kd_r32_lr3e-3": ("pruned", [*LORA_KD, *lora(32), *lr("3e-3")], batch(4, 4)),
     "kd_r32_lr1e-3_b4": ("pruned", [*LORA_KD, *lora(32), *lr("1e-3")], batch(4, 1)),
     # full-parameter training, teacher KL (embeddings frozen unless said)
     "kd_full_lr3e-5": ("pruned", [*LORA_KD, *FULL, *lr("3e-5")], batch(4, 4)),
     "kd_full_lr1e-4": ("pruned", [*LORA_KD, *FULL, *lr("1e-4")], batch(4, 4)),
     "kd_full_lr3e-4": ("pruned", [*LORA_KD, *FULL, *lr("3e-4")], batch(4, 4)),
     "kd_full_lr1e-4_b4": ("pruned", [*LORA_KD, *FULL, *lr("1e-4")], batch(4, 1)),
+    "kd_full_lr1e-3": ("pruned", [*LORA_KD, *FULL, *lr("1e-3")], batch(4, 4)),
+    "kd_full_lr3e-4_b4": ("pruned", [*LORA_KD, *FULL, *lr("3e-4")], batch(4, 1)),
+    "kd_full_lr3e-4_emb": ("pruned", [*LORA_KD, *FULL, *lr("3e-4"), "--model.init_args.train_embeddings", "true"], batch(4, 4)),
     "kd_full_lr1e-4_emb": ("pruned", [*LORA_KD, *FULL, *lr("1e-4"), "--model.init_args.train_embeddings", "true"], batch(4, 4)),
     # LM loss instead of / mixed with the teacher KL
     "lm_full_lr1e-4": ("pruned", [*LORA_KD, *FULL, *lr("1e-4"), *LM], batch(4, 4)),
