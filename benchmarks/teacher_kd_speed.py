@@ -115,7 +115,13 @@ def main() -> None:
             print(variant, f"{seconds[variant][-1]:.2f} s", flush=True)
     tokens = args.batch_size * args.seq_len
     record = {
-        "settings": {**vars(args), "output": shown(Path(args.output)), "threads": torch.get_num_threads(), "removed": REMOVED, "load": os.getloadavg()[0]},
+        "settings": {
+            **vars(args),
+            "output": shown(Path(args.output)),
+            "threads": torch.get_num_threads(),
+            "removed": REMOVED,
+            "load": os.getloadavg()[0],
+        },
         "versions": package_versions(),
         "variants": {
             v: {
