@@ -24,7 +24,7 @@ Attribution (``--profile_steps``): another process runs the same interleaved ste
 during the plain steps; the Lightning profile's time in code of lightning / torchmetrics /
 tensorboard / tqdm / the module is the step overhead, an upper bound (the profiler slows Python
 code, not kernels). Memory: each side alone in its own process, peak RSS as the process maximum
-(``ru_maxrss``, includes loading) and as the maximum sampled every 5 ms during the timed steps.
+(``VmHWM`` of the worker process, includes loading) and as the maximum sampled every 5 ms during the timed steps.
 
 Writes ``benchmarks/results/healing_step.json`` and the ``healing-step`` section of
 ``docs/results/peers.md``::
@@ -38,7 +38,6 @@ import json
 import os
 import pstats
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ import time
 from pathlib import Path
 
 import torch
+from process_memory import peak_rss_mb
 
 ROOT_HERE = Path(__file__).resolve().parent
 RESULTS = ROOT_HERE / "results" / "healing_step.json"
@@ -180,7 +180,7 @@ def memory_worker(args, loader) -> dict:
     step_peak = sampler.stop()
     seconds = stamps[-1] - stamps[args.warmup - 1]
     tokens = (len(stamps) - args.warmup) * args.batch_size * args.seq_len
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     return {"tokens_per_s": tokens / seconds, "steps": len(stamps), "peak_rss_mb": peak, "step_peak_rss_mb": step_peak}
 
 

@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from process_memory import peak_rss_mb
 from report import ROOT, update_section
 
 TASKS = ("bi", "wanda_dlp", "come")
@@ -125,9 +126,7 @@ def worker(args: argparse.Namespace) -> None:
         MergeStage(num_layers=1, batch_size=args.batch_size).plan(model, blocks, progress=False)
     done = time.perf_counter()
     finish_onload(model)
-    status = Path("/proc/self/status").read_text()
-    peak_kib = int(status.split("VmHWM:")[1].split()[0])
-    print(json.dumps({"peak_mib": peak_kib / 1024, "load_s": loaded - start, "task_s": done - loaded}))
+    print(json.dumps({"peak_mib": peak_rss_mb(), "load_s": loaded - start, "task_s": done - loaded}))
 
 
 def slope(depths: list[int], values: list[float]) -> float:

@@ -32,7 +32,6 @@ section of ``docs/results/peers.md``::
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -42,6 +41,7 @@ import time
 from pathlib import Path
 
 import torch
+from process_memory import peak_rss_mb
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -107,7 +107,7 @@ def llmc_worker(args, method: str, sparsity: float, allocation: str, structure: 
 def worker(args) -> None:
     method, sparsity, allocation, structure = CONFIGS[args.config]
     seconds, cpu = (llmc_worker if args.side == "llmc" else package_worker)(args, method, sparsity, allocation, structure)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     code = sys.modules["lightning_prune"].__file__ if "lightning_prune" in sys.modules else None
     record = {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": peak, "threads": torch.get_num_threads(), "code": code}
     print("RESULT " + json.dumps(record))
