@@ -333,41 +333,40 @@ def verdict(by_row: dict, spread: dict | None) -> list[str]:
             + ")."
         )
 
-    pipeline = checked(
-        [
-            ("R0", "R1", "compensation"),
-            ("R1", "R6a", "gap distillation"),
-            ("R6a", "R6", "teacher-KL heal after gap distillation"),
-        ]
+    step_checks = (
+        (
+            "Each step of the removal pipeline lowering C4 perplexity over the step before it",
+            [("R0", "R1", "compensation"), ("R1", "R6a", "gap distillation"), ("R6a", "R6", "teacher-KL heal after gap distillation")],
+        ),
+        (
+            "Removal, each other repair lowering C4 perplexity below the row it starts from",
+            [
+                ("R1", "R2", "`distill_gap` `mse_norm`, budget-matched"),
+                ("R1", "R2k", "`distill_gap` `kl_raw`, budget-matched"),
+                ("R1", "R3", "LM-loss LoRA"),
+                ("R1", "R4", "teacher-KL LoRA"),
+                ("R3", "R4", "teacher KL instead of LM loss"),
+                ("R1", "R5", "teacher-KL full-parameter"),
+                ("R5", "R6", "gap distillation before the full-parameter heal"),
+            ],
+        ),
+        (
+            "CoMe: each repair lowering C4 perplexity below the row it starts from",
+            [
+                ("M0", "M2", "`come_sp` `mse_norm`"),
+                ("M0", "M2k", "`come_sp` `kl_raw`"),
+                ("M0", "M3", "LM-loss LoRA"),
+                ("M0", "M4", "teacher-KL LoRA"),
+                ("M0", "M5", "teacher-KL full-parameter"),
+                ("M0", "M6a", "gap distillation"),
+                ("M6a", "M6", "teacher-KL heal after gap distillation"),
+            ],
+        ),
     )
-    if pipeline:
-        lines.append(line("Each step of the removal pipeline lowering C4 perplexity over the step before it", pipeline))
-    others = checked(
-        [
-            ("R1", "R2", "`distill_gap` `mse_norm`, budget-matched"),
-            ("R1", "R2k", "`distill_gap` `kl_raw`, budget-matched"),
-            ("R1", "R3", "LM-loss LoRA"),
-            ("R1", "R4", "teacher-KL LoRA"),
-            ("R3", "R4", "teacher KL instead of LM loss"),
-            ("R1", "R5", "teacher-KL full-parameter"),
-            ("R5", "R6", "gap distillation before the full-parameter heal"),
-        ]
-    )
-    if others:
-        lines.append(line("Removal, each other repair lowering C4 perplexity below the row it starts from", others))
-    come = checked(
-        [
-            ("M0", "M2", "`come_sp` `mse_norm`"),
-            ("M0", "M2k", "`come_sp` `kl_raw`"),
-            ("M0", "M3", "LM-loss LoRA"),
-            ("M0", "M4", "teacher-KL LoRA"),
-            ("M0", "M5", "teacher-KL full-parameter"),
-            ("M0", "M6a", "gap distillation"),
-            ("M6a", "M6", "teacher-KL heal after gap distillation"),
-        ]
-    )
-    if come:
-        lines.append(line("CoMe: each repair lowering C4 perplexity below the row it starts from", come))
+    for title, steps in step_checks:
+        checks = checked(steps)
+        if checks:
+            lines.append(line(title, checks))
     return lines
 
 

@@ -120,33 +120,40 @@ class KLProbe(L.Callback):
         self._measure(pl_module)
 
 
-def test_a_teacher_distillation_heal_lowers_the_kl_and_checkpoints_no_teacher(tiny_dir, tmp_path):
+def heal_pruned(tiny_dir, tmp_path, run_dir, max_steps: int, **options) -> tuple[HealingModule, list[float]]:
+    """Fit a ``HealingModule(**options)`` after removing 2 layers; returns it and the KL probe's (before, after)."""
     L.seed_everything(0)
     data = TextDataModule(tokenizer=str(tiny_dir), seq_len=32, num_train_samples=8, calibration_samples=4, batch_size=4)
     data.setup("fit")
     probe = KLProbe(data.train_blocks[:4])
-    module = HealingModule(
-        model=str(tiny_dir),
-        lora_rank=8,
-        lora_dropout=0.0,
-        learning_rate=2e-2,
-        warmup_steps=1,
-        target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
-        distill=TeacherDistillation(alpha=0.9, temperature=2.0, chunk_tokens=16),
-    )
+    module = HealingModule(model=str(tiny_dir), warmup_steps=1, **options)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
     trainer = L.Trainer(
         accelerator="cpu",
-        max_steps=8,
-        callbacks=[StageCallback([PruneStage(num_layers=2)], run_dir=str(tmp_path)), probe, checkpoints],
+        max_steps=max_steps,
+        callbacks=[StageCallback([PruneStage(num_layers=2)], run_dir=str(run_dir)), probe, checkpoints],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
     )
     trainer.fit(module, datamodule=data)
-    before, after = probe.values
-    assert after < 0.9 * before, probe.values
+    return module, probe.values
+
+
+def test_a_teacher_distillation_heal_lowers_the_kl_and_checkpoints_no_teacher(tiny_dir, tmp_path):
+    module, (before, after) = heal_pruned(
+        tiny_dir,
+        tmp_path,
+        tmp_path,
+        8,
+        lora_rank=8,
+        lora_dropout=0.0,
+        learning_rate=2e-2,
+        target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+        distill=TeacherDistillation(alpha=0.9, temperature=2.0, chunk_tokens=16),
+    )
+    assert after < 0.9 * before, (before, after)
     assert module.teacher.config.num_hidden_layers == 6 and module.model.config.num_hidden_layers == 4
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert state and not any(key.startswith("teacher.") for key in state)
@@ -154,24 +161,10 @@ def test_a_teacher_distillation_heal_lowers_the_kl_and_checkpoints_no_teacher(ti
 
 def test_a_full_parameter_distillation_heal_lowers_the_kl_and_saves_the_trained_model(tiny_dir, tmp_path):
     """finetune: full trains every decoder weight (embeddings frozen by default); the saved model is the trained one."""
-    L.seed_everything(0)
-    data = TextDataModule(tokenizer=str(tiny_dir), seq_len=32, num_train_samples=8, calibration_samples=4, batch_size=4)
-    data.setup("fit")
-    probe = KLProbe(data.train_blocks[:4])
-    module = HealingModule(model=str(tiny_dir), finetune="full", learning_rate=3e-3, warmup_steps=1, distill=TeacherDistillation())
-    checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=6,
-        callbacks=[StageCallback([PruneStage(num_layers=2)], run_dir=str(tmp_path / "run")), probe, checkpoints],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
+    module, (before, after) = heal_pruned(
+        tiny_dir, tmp_path, tmp_path / "run", 6, finetune="full", learning_rate=3e-3, distill=TeacherDistillation()
     )
-    trainer.fit(module, datamodule=data)
-    before, after = probe.values
-    assert after < 0.8 * before, probe.values
+    assert after < 0.8 * before, (before, after)
     student, teacher = module.model, module.teacher
     assert not isinstance(student, PeftModel) and student.config.num_hidden_layers == 4
     trainable = {name for name, p in student.named_parameters() if p.requires_grad}
