@@ -127,7 +127,13 @@ def run_side(args, side: str, config: str, output: Path, calibration: Path, mode
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
-        raise SystemExit(f"{side} {config} failed:\n{done.stderr[-4000:]}")
+        if side != "llmc":
+            raise SystemExit(f"{side} {config} failed:\n{done.stderr[-4000:]}")
+        errors = [line for line in done.stderr.splitlines() if line.strip()]
+        result = {"failed": errors[-1] if errors else f"exit {done.returncode}"}  # the peer's own failure: a finding
+        output.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(result))
+        return result
     result = json.loads(lines[-1][len("RESULT ") :])
     if side == "base" and not str(result["code"]).startswith(str(base_src)):
         raise SystemExit(f"the baseline side imported {result['code']}, not the code in {base_src}")
@@ -264,7 +270,17 @@ def main() -> None:
                 output = work / f"{config.replace(':', '')}-{side}-{repeat}"
                 run = run_side(args, side, config, output, calibration, model_dir, base_src)
                 row[side]["runs"].append(run)
-                print(config, side, repeat, json.dumps({k: run[k] for k in ("seconds", "cpu_seconds", "peak_rss_mb")}), flush=True)
+                print(
+                    config,
+                    side,
+                    repeat,
+                    json.dumps({k: run.get(k) for k in ("seconds", "cpu_seconds", "peak_rss_mb", "failed")}),
+                    flush=True,
+                )
+        failed = [side for side in sides if any("failed" in run for run in row[side]["runs"])]
+        for side in failed:
+            row[side] = {"failed": row[side]["runs"][0]["failed"]}
+        sides = [side for side in sides if side not in failed]
         for side in sides:
             first = work / f"{config.replace(':', '')}-{side}-0"
             row[side]["sparsity"] = sparsity_of(first)
@@ -273,7 +289,7 @@ def main() -> None:
         if "base" in row:
             row["base"]["vs_package"] = agreement(work / f"{config.replace(':', '')}-base-0", work / f"{config.replace(':', '')}-package-0")
         for side in sides:  # ratios per repeat (the runs of one repeat ran back to back)
-            if side == "package":
+            if side == "package" or (side == "base" and "llmc" not in sides):
                 continue
             runs = zip(row["package"]["runs"], row[side]["runs"])
             pairs = [(p, o) for p, o in runs]
@@ -331,6 +347,14 @@ def write(args, rows: dict, versions: list[str]) -> None:
             )
             continue
         c = row["llmc"]
+        if "failed" in c:  # the peer's own error, in the speed-up column
+            table.append(
+                f"| {config} | {_median(p, 'seconds'):.1f} / – | llm-compressor fails: `{c['failed'][:120]}` "
+                f"| {_median(p, 'cpu_seconds'):.1f} / – | – | {_median(p, 'peak_rss_mb'):.0f} / – | – | {p['sparsity']:.3f} / – | "
+                + " | ".join(f"{pp[k]:.2f} / –" for k in keys)
+                + " |"
+            )
+            continue
         cp = perplexities(c["eval"])
         table.append(
             f"| {config} | {_median(p, 'seconds'):.1f} / {_median(c, 'seconds'):.1f} | {_range(c['speedup_wall'])} "
