@@ -59,6 +59,7 @@ CONFIGS = {  # name: (method, sparsity, allocation, structure)
     "sparsegpt-70-dlp": ("sparsegpt", 0.7, "dlp", None),
 }
 SIDES = ("package", "llmc", "base")
+MODEL_FILES_ONLY = shutil.ignore_patterns("eval.json", "run.json")  # a copied model directory takes no records of the dense one
 
 
 def package_worker(args, method: str, sparsity: float, allocation: str, structure: str | None) -> tuple[float, float]:
@@ -72,7 +73,9 @@ def package_worker(args, method: str, sparsity: float, allocation: str, structur
     start, cpu = time.perf_counter(), time.process_time()
     stage.plan(model, blocks, progress=False)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    shutil.copytree(args.model_dir, args.output, dirs_exist_ok=True)  # config and tokenizer; the weights are replaced
+    shutil.copytree(
+        args.model_dir, args.output, dirs_exist_ok=True, ignore=MODEL_FILES_ONLY
+    )  # config and tokenizer; the weights are replaced
     model.save_pretrained(args.output)
     return seconds, cpu
 
@@ -98,7 +101,7 @@ def llmc_worker(args, method: str, sparsity: float, allocation: str, structure: 
     oneshot(model=model, dataset=dataset, recipe=modifier, num_calibration_samples=len(blocks), max_seq_length=blocks.shape[1])
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     output = Path(args.output)
-    shutil.copytree(args.model_dir, output, dirs_exist_ok=True)  # config and tokenizer, untouched
+    shutil.copytree(args.model_dir, output, dirs_exist_ok=True, ignore=MODEL_FILES_ONLY)  # config and tokenizer, untouched
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
     save_file(state, str(output / "model.safetensors"), metadata={"format": "pt"})
     return seconds, cpu
@@ -145,7 +148,9 @@ def run_side(args, side: str, config: str, output: Path, calibration: Path, mode
 def evaluate(args, model_dir: Path) -> dict:
     record = model_dir / "eval.json"
     if record.exists():
-        return json.loads(record.read_text())
+        result = json.loads(record.read_text())
+        if result.get("settings", {}).get("model") == str(model_dir):  # a record of this very directory
+            return result
     cli = str(Path(sys.executable).parent / "lightning-prune")
     command = [cli, "evaluate", "--model", str(model_dir), "--eval_data", "wikitext2,c4", "--seq_len", str(args.seq_len)]
     command += ["--eval_samples", str(args.eval_samples), "--dtype", "float32", "--device", "cpu", "--json", "true"]
@@ -284,15 +289,14 @@ def main() -> None:
         for side in sides:
             first = work / f"{config.replace(':', '')}-{side}-0"
             row[side]["sparsity"] = sparsity_of(first)
-            if side != "base":
-                row[side]["eval"] = evaluate(args, first)
+            row[side]["eval"] = evaluate(args, first)
         if "base" in row:
             row["base"]["vs_package"] = agreement(work / f"{config.replace(':', '')}-base-0", work / f"{config.replace(':', '')}-package-0")
         for side in sides:  # ratios per repeat (the runs of one repeat ran back to back)
-            if side == "package" or (side == "base" and "llmc" not in sides):
+            if side == "llmc" or "llmc" not in sides:
                 continue
-            runs = zip(row["package"]["runs"], row[side]["runs"])
-            pairs = [(p, o) for p, o in runs]
+            # this package side (now, or at --baseline_ref) against llm-compressor, repeat by repeat
+            pairs = list(zip(row[side]["runs"], row["llmc"]["runs"]))
             row[side]["speedup_wall"] = spread([o["seconds"] / p["seconds"] for p, o in pairs])  # > 1: package faster
             row[side]["speedup_cpu"] = spread([o["cpu_seconds"] / p["cpu_seconds"] for p, o in pairs])
             row[side]["rss_ratio"] = spread([p["peak_rss_mb"] / o["peak_rss_mb"] for p, o in pairs])  # < 1: package smaller
@@ -357,9 +361,9 @@ def write(args, rows: dict, versions: list[str]) -> None:
             continue
         cp = perplexities(c["eval"])
         table.append(
-            f"| {config} | {_median(p, 'seconds'):.1f} / {_median(c, 'seconds'):.1f} | {_range(c['speedup_wall'])} "
-            f"| {_median(p, 'cpu_seconds'):.1f} / {_median(c, 'cpu_seconds'):.1f} | {_range(c['speedup_cpu'])} "
-            f"| {_median(p, 'peak_rss_mb'):.0f} / {_median(c, 'peak_rss_mb'):.0f} | {_range(c['rss_ratio'])} "
+            f"| {config} | {_median(p, 'seconds'):.1f} / {_median(c, 'seconds'):.1f} | {_range(p['speedup_wall'])} "
+            f"| {_median(p, 'cpu_seconds'):.1f} / {_median(c, 'cpu_seconds'):.1f} | {_range(p['speedup_cpu'])} "
+            f"| {_median(p, 'peak_rss_mb'):.0f} / {_median(c, 'peak_rss_mb'):.0f} | {_range(p['rss_ratio'])} "
             f"| {p['sparsity']:.3f} / {c['sparsity']:.3f} | "
             + " | ".join(f"{pp[k]:.2f} / {cp[k]:.2f} ({pp[k] / cp[k]:.3f})" for k in keys)
             + " |"
@@ -369,22 +373,24 @@ def write(args, rows: dict, versions: list[str]) -> None:
             agree = b["vs_package"]
             before.append(
                 f"| {config} | {_median(b, 'cpu_seconds'):.1f} → {_median(p, 'cpu_seconds'):.1f} "
-                f"| {_range(b['speedup_cpu'])} → {_range(c['speedup_cpu'])} "
-                f"| {_range(b['speedup_wall'])} → {_range(c['speedup_wall'])} "
+                f"| {_range(b['speedup_cpu'])} → {_range(p['speedup_cpu'])} "
+                f"| {_range(b['speedup_wall'])} → {_range(p['speedup_wall'])} "
                 f"| {_median(b, 'peak_rss_mb'):.0f} → {_median(p, 'peak_rss_mb'):.0f} "
-                f"| {_range(b['rss_ratio'])} → {_range(c['rss_ratio'])} "
-                f"| {agree['mask_differs']:.2e} / {agree['max_abs_weight_difference']:.1e} |"
+                f"| {_range(b['rss_ratio'])} → {_range(p['rss_ratio'])} "
+                f"| {agree['mask_differs']:.2e} / {agree['max_abs_weight_difference']:.1e} | "
+                + " | ".join(f"{perplexities(b['eval'])[k]:.2f} → {pp[k]:.2f}" for k in keys)
+                + " |"
             )
     base = settings.get("baseline_commit") or settings.get("baseline_ref")
     before_text = (
         f"""
-SparseGPT before / after the changes of this branch, against llm-compressor in the same run ("before" = the package at
+SparseGPT before / after the package change measured, against llm-compressor in the same run ("before" = the package at
 `{base}`, run as a third side of every SparseGPT configuration; speed-up and RSS ratio as above, each against the same
 llm-compressor runs). Last column: share of projection weights whose kept/pruned state differs between the two package
 versions, and the largest weight difference (rounding of the reordered updates).
 
-| config | CPU s before → after | CPU speed-up vs llmc before → after | wall speed-up before → after | peak RSS MB before → after | RSS ratio before → after | masks differ / max Δw |
-|---|---:|---:|---:|---:|---:|---:|
+| config | CPU s before → after | CPU speed-up vs llmc before → after | wall speed-up before → after | peak RSS MB before → after | RSS ratio before → after | masks differ / max Δw | {" | ".join(f"PPL {k} before → after" for k in keys)} |
+|---|---:|---:|---:|---:|---:|---:|{"---:|" * len(keys)}
 {chr(10).join(before)}
 """
         if before
