@@ -57,7 +57,8 @@ def markdown(record: dict) -> str:
         "Gap loss = the row's loss (mean over the calibration blocks) before → after training, summed over the windows; losses "
         "of different kinds are not comparable with each other, the perplexities are (a deeper "
         "window's before is taken after the shallower windows trained, so it differs between rows). Stage s = the gap stage "
-        "(teacher capture + training) or the compensation, on a 2-core CPU shared with other jobs (load ≈ 7).",
+        "(teacher capture + training) or the compensation, in wall seconds on a 2-core CPU: the rows of the lr / window / "
+        "calibration variants ran beside other jobs (load ≈ 7), the dense, compensation and loss rows on an idle machine.",
         "",
         "| row | calibration tokens | settings | trained layers | gap loss | stage s | PPL WikiText-2 | PPL C4 |",
         "|---|---:|---|---|---|---:|---:|---:|",
