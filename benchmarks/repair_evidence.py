@@ -28,7 +28,7 @@ measures lm-eval accuracy of those runs' saved models (and the dense model) with
 budget) and the ``repair-evidence`` section of ``docs/results/healing.md`` are written after every
 run, so a run cut short keeps its rows (a run already in the JSON is not run again).
 
-Usage: OMP_NUM_THREADS=1 python benchmarks/repair_evidence.py --steps 8 [--runs control_full,bi_pipeline,...]
+Usage: OMP_NUM_THREADS=2 python benchmarks/repair_evidence.py --steps 8 [--runs control_full,bi_pipeline,...]
     [--seeds 1,2] [--task_runs control_full,bi_pipeline --tasks arc_easy,piqa,boolq --task_limit 300]
 """
 
@@ -380,7 +380,7 @@ def markdown(record: dict) -> str:
         f"{s['calibration_samples']} × {s['seq_len']} WikiText-2-valid blocks. Healing data: WikiText-2 valid, {BATCH} blocks × "
         f"{ACCUMULATE} accumulated batches × {s['seq_len']} tokens per optimizer step, seed 0. Evaluation: the first "
         f"{s['eval_samples']} × {s['seq_len']} blocks of WikiText-2 test (in domain) and of the bundled C4 test half (out of "
-        "domain, used for nothing else). Heal settings (chosen on held-out text, see `heal-selection` below): "
+        "domain, used for nothing else). Heal settings (chosen on held-out text by `benchmarks/heal_selection.py`; its figures are in the findings below): "
         + "; ".join(f"{kind}: `{' '.join(flags)}`" for kind, flags in HEALS.items())
         + " on top of `prune_distill_heal` (teacher: the dense model, forward KL; LoRA r8 / alpha 16 / dropout 0.05 on "
         "every projection; full-parameter: embeddings frozen). Controls: the dense model healed with the same heal, budget "
@@ -388,7 +388,7 @@ def markdown(record: dict) -> str:
         "row 1. Tokens = tokens the row's training saw (layerwise rows: per gap window; the pipeline's `distill_gap` adds "
         "its recipe default of 100 steps × 2 calibration blocks per window to the heal budget). Heal s = wall time of the run "
         "less evaluation and stage planning (model load, export and save included); stage s = stage planning (BI scoring, "
-        "compensation, merging, gap distillation). One CPU thread, on a 2-core machine shared with another job.",
+        "compensation, merging, gap distillation). Two CPU threads (`OMP_NUM_THREADS=2`) on a 2-core machine; the load average before → after each run is listed with its command.",
     ]
     for steps, budget in sorted(record["budgets"].items(), key=lambda item: int(item[0])):
         table = rows(budget, s, int(steps))
@@ -470,7 +470,7 @@ def markdown(record: dict) -> str:
         lines += [
             "",
             f"Total wall time of these runs: {sum(r['seconds'] for r in budget['runs'].values()) / 3600:.1f} h. Reproduce: "
-            f"`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/repair_evidence.py --steps {steps} --runs {','.join(plain)}"
+            f"`OMP_NUM_THREADS=2 .venv/bin/python benchmarks/repair_evidence.py --steps {steps} --runs {','.join(plain)}"
             + (f" --seeds {','.join(map(str, seeds))}" if seeds else "")
             + (f" --task_runs {','.join(budget.get('tasks', {}).keys() - {'dense'})}" if tasks else "")
             + "` (runs already in the JSON are kept).",
