@@ -59,7 +59,6 @@ CONFIGS = {  # name: (method, sparsity, allocation, structure)
     "sparsegpt-70-dlp": ("sparsegpt", 0.7, "dlp", None),
 }
 SIDES = ("package", "llmc", "base")
-MODEL_FILES_ONLY = shutil.ignore_patterns("eval.json", "run.json")  # a copied model directory takes no records of the dense one
 
 
 def package_worker(args, method: str, sparsity: float, allocation: str, structure: str | None) -> tuple[float, float]:
@@ -73,9 +72,7 @@ def package_worker(args, method: str, sparsity: float, allocation: str, structur
     start, cpu = time.perf_counter(), time.process_time()
     stage.plan(model, blocks, progress=False)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    shutil.copytree(
-        args.model_dir, args.output, dirs_exist_ok=True, ignore=MODEL_FILES_ONLY
-    )  # config and tokenizer; the weights are replaced
+    shutil.copytree(args.model_dir, args.output, dirs_exist_ok=True)  # config and tokenizer; the weights are replaced
     model.save_pretrained(args.output)
     return seconds, cpu
 
@@ -101,7 +98,7 @@ def llmc_worker(args, method: str, sparsity: float, allocation: str, structure: 
     oneshot(model=model, dataset=dataset, recipe=modifier, num_calibration_samples=len(blocks), max_seq_length=blocks.shape[1])
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     output = Path(args.output)
-    shutil.copytree(args.model_dir, output, dirs_exist_ok=True, ignore=MODEL_FILES_ONLY)  # config and tokenizer, untouched
+    shutil.copytree(args.model_dir, output, dirs_exist_ok=True)  # config and tokenizer, untouched
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
     save_file(state, str(output / "model.safetensors"), metadata={"format": "pt"})
     return seconds, cpu

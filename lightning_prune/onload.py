@@ -251,7 +251,7 @@ class LayerOnloader:
     # ----- moving layers ----------------------------------------------------------------------
     def use(self, layer: nn.Module) -> None:
         """Make ``layer`` the one on the device (the one there before goes home)."""
-        if layer is self.current or any(layer is held for held in self.held):
+        if self._on_device(layer):
             return
         self.settle()
         self._bring(layer)
@@ -278,6 +278,10 @@ class LayerOnloader:
             held, self.held = self.held, []
             for layer in held:
                 self._release(layer)
+
+    def _on_device(self, layer: nn.Module) -> bool:
+        """Whether ``layer`` is the current layer or one of the held ones."""
+        return layer is self.current or any(layer is held for held in self.held)
 
     def _bring(self, layer: nn.Module) -> None:
         for tensor in _tensors(layer):
@@ -312,7 +316,7 @@ class LayerOnloader:
 
     def commit(self, layer: nn.Module) -> None:
         """After in-place edits of a layer that is home: with an ``offload_dir``, write them to disk (else nothing to do)."""
-        if self.disk is None or layer is self.current or any(layer is held for held in self.held):
+        if self.disk is None or self._on_device(layer):
             return
         tensors = _tensors(layer)
         self._rehome(tensors, [t.data for t in tensors], [self._sources.pop(t.data_ptr(), None) for t in tensors])

@@ -111,7 +111,7 @@ class KLProbe(L.Callback):
 
     def _measure(self, pl_module):
         with torch.no_grad():
-            self.values.append(float(pl_module.distillation_losses(self.batch)[0]))
+            self.values.append(float(pl_module.distillation_losses(self.batch)[1]))  # the KL
 
     def on_train_start(self, trainer, pl_module):
         self._measure(pl_module)

@@ -212,21 +212,19 @@ class HealingModule(CausalLMModule):
     def training_step(self, batch: torch.Tensor, batch_index: int) -> torch.Tensor:
         if self.distill is None:
             return super().training_step(batch, batch_index)
-        loss, kd, lm = self.distillation_losses(batch, total=True)
+        loss, kd, _ = self.distillation_losses(batch)
         self.log_dict({"train_loss": loss, "train_kd": kd}, prog_bar=True)
         return loss
 
-    def distillation_losses(self, batch: torch.Tensor, *, total: bool = False) -> tuple[torch.Tensor, ...]:
-        """(logit KL to the teacher, LM loss; the latter only when ``alpha < 1``) on one batch of blocks (B, T).
-
-        ``total=True`` puts the training loss ``alpha x KL + (1 - alpha) x LM`` first. Both losses
-        come from one chunked pass through the student's LM head (:func:`~lightning_prune.teacher.head_losses`).
-        """
+    def distillation_losses(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(training loss ``alpha x KL + (1 - alpha) x LM``, logit KL to the teacher, LM loss; the latter only
+        when ``alpha < 1``) on one batch of blocks (B, T), from one chunked pass through the student's LM head
+        (:func:`~lightning_prune.teacher.head_losses`)."""
         distill, student = self.distill, unwrap_model(self.model)
         self.teacher.eval()
         with torch.no_grad():
             teacher_hidden = final_hidden(self.teacher, batch)
-        losses = head_losses(
+        return head_losses(
             final_hidden(student, batch),
             student.get_output_embeddings(),
             teacher_hidden=teacher_hidden,
@@ -237,7 +235,6 @@ class HealingModule(CausalLMModule):
             loss=distill.loss,
             chunk_tokens=distill.chunk_tokens,
         )
-        return losses if total else losses[1:]
 
     def export_model(self) -> nn.Module:
         """The plain Hugging Face model: adapters folded into a full-precision copy; ``full``: the trained model."""

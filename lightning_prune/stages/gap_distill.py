@@ -192,12 +192,13 @@ class GapDistillStage(Stage):
         windows = gap_windows(spans, teacher["num_layers"], self.layers_before, self.layers_after)
         was_training = model.training
         model.eval()
+        layers = Anatomy(model).layers
         for index, window in enumerate(windows):
-            window.update(self._train_window(model, calibration, teacher["outputs"][window["target"]], window, index, reduce))
+            with holding(model, layers[window["start"] : window["end"]]):  # onloaded: the window trains on the device
+                window.update(self._train_window(model, calibration, teacher["outputs"][window["target"]], window, index, reduce))
         model.train(was_training)
         self._teacher = None  # the states are only needed once
         record = {"settings": asdict(self), "num_layers": len(spans), "spans": spans, "windows": windows}
-        layers = Anatomy(model).layers
         tensors = {
             f"layers.{c}.{name}": value.detach().cpu().clone()
             for window in windows
@@ -215,40 +216,39 @@ class GapDistillStage(Stage):
         goals = list(targets.split(self.batch_size))
         inputs = capture_layer_inputs(model, batches, start=window["start"])
         parameters = [p for c in positions for p in Anatomy(model).layers[c].parameters()]
-        with holding(model, [Anatomy(model).layers[c] for c in positions]):  # onloaded: the window trains on the device
-            flags = [p.requires_grad for p in parameters]
-            for parameter in parameters:
-                parameter.requires_grad_(True)
-            norm = Anatomy(model).final_norm
-            ranks = reduce(torch.ones((), device=parameters[0].device))
-            optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
-            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup_steps=0, total_steps=self.steps))
+        flags = [p.requires_grad for p in parameters]
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        norm = Anatomy(model).final_norm
+        ranks = reduce(torch.ones((), device=parameters[0].device))
+        optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup_steps=0, total_steps=self.steps))
 
-            def loss_on(b: int) -> torch.Tensor:
-                prediction = run_layers(model, inputs.hidden[b], inputs.kwargs[b], positions)
-                return distillation_loss(self.loss, goals[b].to(prediction), prediction, norm=norm)
+        def loss_on(b: int) -> torch.Tensor:
+            prediction = run_layers(model, inputs.hidden[b], inputs.kwargs[b], positions)
+            return distillation_loss(self.loss, goals[b].to(prediction), prediction, norm=norm)
 
-            def mean_loss() -> float:
-                with torch.no_grad():
-                    total = sum(loss_on(b).float() * len(batches[b]) for b in range(len(batches)))
-                return float(reduce(total.reshape(1)) / reduce(torch.tensor([float(len(blocks))], device=total.device)))
+        def mean_loss() -> float:
+            with torch.no_grad():
+                total = sum(loss_on(b).float() * len(batches[b]) for b in range(len(batches)))
+            return float(reduce(total.reshape(1)) / reduce(torch.tensor([float(len(blocks))], device=total.device)))
 
-            before = mean_loss()
-            generator = torch.Generator().manual_seed(self.seed + index)
-            order: list[int] = []
-            with torch.enable_grad():
-                for _ in range(self.steps):
-                    if not order:
-                        order = torch.randperm(len(batches), generator=generator).tolist()
-                    gradients = torch.autograd.grad(loss_on(order.pop()), parameters)
-                    for parameter, gradient in zip(parameters, gradients):
-                        parameter.grad = reduce(gradient) / ranks
-                    optimizer.step()
-                    schedule.step()
-                    optimizer.zero_grad(set_to_none=True)
-            for parameter, flag in zip(parameters, flags):
-                parameter.requires_grad_(flag)
-            return {"loss_before": before, "loss_after": mean_loss()}
+        before = mean_loss()
+        generator = torch.Generator().manual_seed(self.seed + index)
+        order: list[int] = []
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                if not order:
+                    order = torch.randperm(len(batches), generator=generator).tolist()
+                gradients = torch.autograd.grad(loss_on(order.pop()), parameters)
+                for parameter, gradient in zip(parameters, gradients):
+                    parameter.grad = reduce(gradient) / ranks
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+        for parameter, flag in zip(parameters, flags):
+            parameter.requires_grad_(flag)
+        return {"loss_before": before, "loss_after": mean_loss()}
 
 
 class GapDistillDecision(Decision):
