@@ -236,6 +236,10 @@ RECIPE_CASES = {
     "devices": (["--trainer.devices", 0], "--trainer.devices must be a positive number of devices, -1 (all) or auto, got 0"),
     "max-steps": (["--trainer.max_steps", 0], "--trainer.max_steps must be a positive number (or -1 for no limit), got 0"),
     "val-check-interval": (["--trainer.val_check_interval", 1000], "val_check_interval 1000 is more than the 2 training batches"),
+    "val-check-interval-ddp": (  # the command line gives devices as a string; each of 2 ranks sees 1 of the 2 batches
+        ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"],
+        "val_check_interval 2 is more than the 1 training batches",
+    ),
     "accelerator": (["--trainer.accelerator", "tpu"], "--trainer.accelerator 'tpu' is not available here"),
     "strategy": (["--trainer.strategy", "nostrategy"], "--trainer.strategy 'nostrategy' is not a strategy"),
     "model": (["--model.init_args.model", "truncated"], "is truncated"),

@@ -30,10 +30,19 @@ def _plain(value) -> dict:
     return value.as_dict() if hasattr(value, "as_dict") else dict(value)
 
 
+def _device_number(devices) -> int | None:
+    """The count in ``--trainer.devices`` as a number (the command line gives a string such as ``"2"``); None for auto or a list."""
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        return devices
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        return int(devices)
+    return None
+
+
 def _check_devices(devices) -> None:
     if isinstance(devices, bool):
         raise InputError(f"--trainer.devices {devices} is not a device count; use a positive number, -1 (all) or auto")
-    number = int(devices) if isinstance(devices, int) or (isinstance(devices, str) and devices.strip().lstrip("-").isdigit()) else None
+    number = _device_number(devices)
     if number is not None and (number == 0 or number < -1):
         raise InputError(f"--trainer.devices must be a positive number of devices, -1 (all) or auto, got {devices}")
     if isinstance(devices, (list, tuple)) and not devices:
@@ -75,7 +84,10 @@ def _training_batches(trainer: dict, data: dict) -> int | None:
     samples, batch_size, devices = data.get("num_train_samples"), data.get("batch_size"), trainer.get("devices", 1)
     if not isinstance(samples, int) or not isinstance(batch_size, int) or batch_size < 1:
         return None
-    world = devices if isinstance(devices, int) and devices > 0 else 1
+    number = _device_number(devices)
+    per_node = number if number is not None and number > 0 else len(devices) if isinstance(devices, (list, tuple)) else 1
+    nodes = trainer.get("num_nodes", 1)
+    world = per_node * (nodes if isinstance(nodes, int) and nodes > 0 else 1)
     batches = math.ceil(math.ceil(samples / world) / batch_size)
     limit = trainer.get("limit_train_batches")
     if isinstance(limit, int) and not isinstance(limit, bool):
