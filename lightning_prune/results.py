@@ -151,7 +151,10 @@ class RunDirectory:
         self.path.mkdir(parents=True, exist_ok=True)
         temporary = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.path))
         try:
-            model.save_pretrained(temporary, safe_serialization=True, max_shard_size=shard_bytes)
+            # a peft adapter: no full embedding copies (LoRA here never resizes the vocabulary); peft's "auto"
+            # would look the base model up on the Hub to find out, a network call and two warnings offline
+            adapter = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
+            model.save_pretrained(temporary, safe_serialization=True, max_shard_size=shard_bytes, **adapter)
             if tokenizer is not None:
                 tokenizer.save_pretrained(temporary)
             for decision in decisions:
