@@ -21,7 +21,7 @@ Every run is a shipped recipe run in-process through ``lightning_prune.cli.main`
 Every healed row trains on the same WikiText-2-valid tokens (``--steps`` optimizer steps x 16
 blocks x 128 tokens) and every row is measured on the same blocks of WikiText-2 test (in domain)
 and of the bundled C4 test half (out of domain, used for nothing else). ``--seeds 1,2`` reruns the
-headline runs (the pipeline and its control) with ``--seed_everything`` and ``--data.init_args.seed``
+headline runs (both pipelines and their control) with ``--seed_everything`` and ``--data.init_args.seed``
 set to each seed (other training and calibration draws, so other pruning picks too). ``--task_runs``
 measures lm-eval accuracy of those runs' saved models (and the dense model) with
 ``lightning-prune evaluate``. The JSON (``benchmarks/results/repair_evidence.json``, one entry per
@@ -86,7 +86,7 @@ def runs_for(steps: int) -> dict[str, list[str]]:
     }
 
 
-HEADLINE = ("bi_pipeline", f"control_{PIPELINE_HEAL}")  # the runs repeated with --seeds
+HEADLINE = ("bi_pipeline", "come_pipeline", f"control_{PIPELINE_HEAL}")  # the runs repeated with --seeds (control last)
 # (row, run, metrics.json entry, control run, what the row is)
 ROWS = [
     ("1", "control_full", "dense", None, "dense, no healing"),
@@ -117,6 +117,9 @@ ROWS = [
     ("M6", "come_pipeline", "after training", f"control_{PIPELINE_HEAL}", "**CoMe pipeline**: + teacher-KL heal"),
 ]
 DEFAULT_RUNS = ",".join(runs_for(8))
+# A stage entry recorded alike by another run (same recipe section, same calibration): the row is read from
+# there when its own run was not made (the >= 64k budget runs only the pipelines, their controls and bi_none).
+SAME_ENTRY = {("bi_gap_mse", "after prune"): "bi_pipeline", ("come_mse", "after merge"): "come_pipeline"}
 SETTINGS = ("model", "num_layers", "seq_len", "calibration_samples", "eval_samples")
 
 
@@ -264,6 +267,8 @@ def rows(budget: dict, settings: dict, steps: int) -> list[dict]:
     tokens = steps * ACCUMULATE * BATCH * settings["seq_len"]
     dense = next((r["entries"]["dense"]["perplexity"] for r in runs.values() if "dense" in r["entries"]), None)
     for number, key, entry, control, label in ROWS:
+        if key not in runs and (key, entry) in SAME_ENTRY:
+            key = SAME_ENTRY[key, entry]
         if key not in runs or entry not in runs[key]["entries"]:
             continue
         r, ppl = runs[key], runs[key]["entries"][entry]["perplexity"]
@@ -290,24 +295,25 @@ def rows(budget: dict, settings: dict, steps: int) -> list[dict]:
     return out
 
 
-def seed_spread(budget: dict) -> dict | None:
-    """The headline C4 / WikiText-2 ratios (pipeline over its control) for every seed measured with both runs."""
-    pipeline, control = HEADLINE
-    seeds = sorted({split_key(k)[1] for k in budget["runs"] if split_key(k)[0] == pipeline})
-    ratios = {}
-    for seed in seeds:
-        suffix = f"#s{seed}" if seed else ""
-        a, b = budget["runs"].get(pipeline + suffix), budget["runs"].get(control + suffix)
-        if a and b and "after training" in a["entries"] and "after training" in b["entries"]:
-            p, q = a["entries"]["after training"]["perplexity"], b["entries"]["after training"]["perplexity"]
-            ratios[seed] = {"pipeline": p, "control": q, "ratio": {k: p[k] / q[k] for k in p}}
-    if len(ratios) < 2:
-        return None
-    c4 = [v["ratio"]["c4"] for v in ratios.values()]
-    return {"seeds": ratios, "c4_mean": statistics.mean(c4), "c4_min": min(c4), "c4_max": max(c4)}
+def seed_spread(budget: dict) -> dict[str, dict]:
+    """Per pipeline run: its C4 / WikiText-2 ratios over the control for every seed measured with both runs."""
+    control, out = HEADLINE[-1], {}
+    for pipeline in HEADLINE[:-1]:
+        seeds = sorted({split_key(k)[1] for k in budget["runs"] if split_key(k)[0] == pipeline})
+        ratios = {}
+        for seed in seeds:
+            suffix = f"#s{seed}" if seed else ""
+            a, b = budget["runs"].get(pipeline + suffix), budget["runs"].get(control + suffix)
+            if a and b and "after training" in a["entries"] and "after training" in b["entries"]:
+                p, q = a["entries"]["after training"]["perplexity"], b["entries"]["after training"]["perplexity"]
+                ratios[seed] = {"pipeline": p, "control": q, "ratio": {k: p[k] / q[k] for k in p}}
+        if len(ratios) >= 2:
+            c4 = [v["ratio"]["c4"] for v in ratios.values()]
+            out[pipeline] = {"seeds": ratios, "c4_mean": statistics.mean(c4), "c4_min": min(c4), "c4_max": max(c4)}
+    return out
 
 
-def verdict(by_row: dict, spread: dict | None) -> list[str]:
+def verdict(by_row: dict, spread: dict[str, dict]) -> list[str]:
     """The issue's target, checked on the out-of-domain (C4) perplexity of the rows present."""
     c4 = {n: r["perplexity"]["c4"] for n, r in by_row.items()}
     lines = []
@@ -318,9 +324,10 @@ def verdict(by_row: dict, spread: dict | None) -> list[str]:
                 f"- {what} within 1.3× of the equally-healed dense control out of domain: **{'met' if ratio <= 1.3 else 'not met'}** "
                 f"(row {row} / its control on C4 = {ratio:.3f}; over the dense model without healing {by_row[row]['ratio_dense']['c4']:.3f}"
             )
-            if row == "R6" and spread:
-                values = ", ".join(f"seed {s}: {v['ratio']['c4']:.3f}" for s, v in spread["seeds"].items())
-                line += f"; {values}; mean {spread['c4_mean']:.3f}, range {spread['c4_min']:.3f}–{spread['c4_max']:.3f}"
+            seeds = spread.get(by_row[row]["run"])
+            if seeds:
+                values = ", ".join(f"seed {s}: {v['ratio']['c4']:.3f}" for s, v in seeds["seeds"].items())
+                line += f"; {values}; mean {seeds['c4_mean']:.3f}, range {seeds['c4_min']:.3f}–{seeds['c4_max']:.3f}"
             lines.append(line + ").")
 
     def checked(steps: list[tuple[str, str, str]]) -> list[tuple[str, str, str, bool]]:
@@ -423,15 +430,15 @@ def markdown(record: dict) -> str:
                 "measured on the saved model of the run (`lightning-prune evaluate --model <run_dir>/model --tasks "
                 f"{','.join(tasks)} --limit {budget['task_limit']}`; row 1: `--model {s['model']}`).",
             ]
-        if spread:
+        for pipeline, seeds in spread.items():
             lines += [
                 "",
-                "Seeds (pipeline and its control rerun with `--seed_everything N --data.init_args.seed N`: other calibration "
-                "and training draws): "
+                f"Seeds of `{pipeline}` (it and its control rerun with `--seed_everything N --data.init_args.seed N`: other "
+                "calibration and training draws): "
                 + "; ".join(
                     f"seed {seed}: pipeline {v['pipeline']['wikitext2']:.2f} / {v['pipeline']['c4']:.2f}, control "
                     f"{v['control']['wikitext2']:.2f} / {v['control']['c4']:.2f}, ratio {v['ratio']['wikitext2']:.3f} / {v['ratio']['c4']:.3f}"
-                    for seed, v in spread["seeds"].items()
+                    for seed, v in seeds["seeds"].items()
                 )
                 + " (WikiText-2 / C4).",
             ]

@@ -62,6 +62,8 @@ def quiet_third_party() -> None:
     # peft reads model.is_gradient_checkpointing (deprecated in transformers 5); Lightning's own pytree use
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # a distillation's frozen teacher is a submodule kept in eval mode on purpose (each step sets it again)
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 class RecipeError(InputError):

@@ -36,10 +36,10 @@ def resolve_protection(metric: str, protect_first: int | None, protect_last: int
     return (first if protect_first is None else protect_first, last if protect_last is None else protect_last)
 
 
-def _plan(model, metric, selection, num_layers, ratio, protect, layers, compensation):
+def _plan(model, metric, selection, num_layers, ratio, protect, layers, compensation, compensation_options):
     """Validate all choices up front; returns (metric, count, protection, compensation object)."""
     depth = Anatomy(model).num_layers
-    comp = make_compensation(compensation)
+    comp = make_compensation(compensation, **(compensation_options or {}))
     comp.check(model)
     if layers is not None:
         if num_layers is not None or ratio is not None:
@@ -105,6 +105,7 @@ def prune_layers(
     num_layers: int | None = None,
     ratio: float | None = None,
     compensation: str = "none",
+    compensation_options: dict | None = None,
     protect: tuple[int | None, int | None] = (None, None),
     layers: list[int] | None = None,
     calibration_blocks: torch.Tensor | None = None,
@@ -116,6 +117,7 @@ def prune_layers(
         model: a supported causal LM.
         data: scoring data: token blocks (N, T), or encoded multiple-choice items for ``accuracy``.
         metric / selection / compensation: registry names.
+        compensation_options: keyword settings of the compensation, e.g. ``{"solver": "adam"}``.
         num_layers / ratio / layers: exactly one target (count, fraction, or explicit original
             indices, removed in the given order).
         protect: (first, last) layers never removed; ``None`` takes the metric's default.
@@ -123,7 +125,9 @@ def prune_layers(
         options: scoring options (batch size, seed, prefix reuse, cross-rank reduce); copied.
     """
     options = dataclasses.replace(options or ScoringOptions())
-    metric, count, (first, last), comp = _plan(model, metric, selection, num_layers, ratio, protect, layers, compensation)
+    metric, count, (first, last), comp = _plan(
+        model, metric, selection, num_layers, ratio, protect, layers, compensation, compensation_options
+    )
     blocks = data if calibration_blocks is None else calibration_blocks
     if comp.name != "none" and not isinstance(blocks, torch.Tensor):
         raise InputError(f"compensation {comp.name!r} needs calibration token blocks")

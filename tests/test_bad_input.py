@@ -75,6 +75,10 @@ BAD_VALUES = {
     "tasks": [("../x", "is not a task name"), ("/abs/path", "is not a task name")],
     "plan": [("missing.json", "does not exist"), ("notes.txt", "is not valid JSON")],
     "output_dir": [("a-file/run", "is a file, not a directory"), ("a-file", "is a file; pass a directory")],
+    "projection_solver": [
+        ("newton", "--projection_solver 'newton' is not known; choose one of closed_form, adam"),
+        ("adam", "--projection_solver adam applies only to --compensation projection (got --compensation none)"),
+    ],
     "onload": [("layers", "onload 'layers' is not known; choose one of none, layer")],
     "offload_dir": [("offload", "keeps onloaded layers on disk; it needs onload layer")],
     "max_device_memory": [("5XB", "max_device_memory '5XB' is not a size"), ("1KB", "cannot hold the whole model")],

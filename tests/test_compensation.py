@@ -279,3 +279,21 @@ def test_make_compensation_passes_settings_and_names_unknown_ones():
     assert make_compensation("projection").solver == "closed_form"
     with pytest.raises(InputError, match="compensation 'magnitude' has no option 'solver'; its options: none"):
         make_compensation("magnitude", solver="adam")
+
+
+def test_prune_stage_passes_its_projection_solver_and_replays_the_fit():
+    from lightning_prune.stages import PruneStage
+
+    blocks = random_ids(8, 16)  # 128 tokens >= the tiny hidden size (64)
+    decisions = {}
+    for solver in ("closed_form", "adam"):
+        model = make_tiny_model("llama")
+        stage = PruneStage(layers=[3], compensation="projection", projection_solver=solver)
+        decisions[solver] = stage.plan(model, blocks, progress=False)
+        assert decisions[solver].record["compensation_final"]["solver"] == solver
+        replayed = make_tiny_model("llama")
+        decisions[solver].apply(replayed)
+        ids = random_ids(1, 8)
+        torch.testing.assert_close(replayed(input_ids=ids).logits, model(input_ids=ids).logits)
+    first, second = (decisions[s].tensors()["projection.down_proj"] for s in ("closed_form", "adam"))
+    assert not torch.equal(first, second)

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,15 @@ def test_recipe_changes_heals_evaluates_and_saves(name, tiny_dir, tmp_path):
     } <= keys
     ids = torch.randint(0, 256, (1, 16))
     assert torch.isfinite(reloaded(input_ids=ids).logits).all()
+
+
+def test_a_teacher_recipe_fit_warns_nothing_about_its_frozen_teacher(tiny_dir, tmp_path):
+    """The teacher sits in eval mode on purpose: Lightning's eval-mode warning is not shown to the user."""
+    flags = ["--prune.num_layers", "2", "--evaluate", "false", *TINY[:-4]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(
+            ["fit", "--config", "prune_distill_heal", "--run_dir", str(tmp_path / "run"), "--model.init_args.model", str(tiny_dir), *flags]
+        )
+    assert (tmp_path / "run" / "model").is_dir()
+    assert not [w for w in caught if "in eval mode" in str(w.message)], [str(w.message) for w in caught]

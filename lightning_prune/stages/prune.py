@@ -14,6 +14,7 @@ from torch import nn
 
 from lightning_prune.compensation import make_compensation
 from lightning_prune.compensation.magnitude import check_foldable, fold_residual_scale
+from lightning_prune.compensation.projection import SOLVERS
 from lightning_prune.errors import InputError
 from lightning_prune.importance import ScoringOptions, metric_name
 from lightning_prune.model.anatomy import Anatomy
@@ -48,6 +49,8 @@ class PruneStage(Stage):
         ratio: fraction of the layers to remove.
         layers: explicit original layer indices to remove, in this order.
         compensation: none, magnitude (MagComp, 000) or projection (GradMAP stage 2, 001).
+        projection_solver: how projection compensation fits W': closed_form (ridge solve, λ chosen
+            on held-out calibration tokens) or adam (the paper's 200 Adam steps, λ 1e-3).
         protect_first: first layers never removed (default: the metric's paper setting).
         protect_last: last layers never removed (default: the metric's paper setting).
         batch_size: calibration blocks per forward pass.
@@ -60,6 +63,7 @@ class PruneStage(Stage):
     ratio: float | None = None
     layers: list[int] | str | None = None
     compensation: str = "none"
+    projection_solver: str = "closed_form"
     protect_first: int | None = None
     protect_last: int | None = None
     batch_size: int = 8
@@ -81,6 +85,13 @@ class PruneStage(Stage):
             raise InputError(f"prune: batch_size {self.batch_size} must be >= 1")
         depth = config.num_hidden_layers
         make_compensation(self.compensation)
+        if self.projection_solver not in SOLVERS:
+            raise InputError(f"--projection_solver {self.projection_solver!r} is not known; choose one of {', '.join(SOLVERS)}")
+        if self.projection_solver != "closed_form" and self.compensation != "projection":
+            raise InputError(
+                f"--projection_solver {self.projection_solver} applies only to --compensation projection "
+                f"(got --compensation {self.compensation}); drop it or use projection compensation"
+            )
         if self.layers is not None:
             count = len(validate_layer_indices(self.layers, depth))
         else:
@@ -120,6 +131,7 @@ class PruneStage(Stage):
             num_layers=self.num_layers,
             ratio=self.ratio,
             compensation=self.compensation,
+            compensation_options={"solver": self.projection_solver} if self.compensation == "projection" else None,
             protect=(self.protect_first, self.protect_last),
             layers=self.layers,
             calibration_blocks=calibration,
