@@ -145,12 +145,15 @@ def test_prune_command_streams_the_checkpoint_and_saves_what_the_plain_run_saves
     assert list(offload.iterdir()) == []  # the layer files went with the run
 
 
-def test_evaluate_with_onloaded_layers_measures_the_same_perplexity(capsys, tiny_dir):
+def test_evaluate_with_onloaded_layers_measures_the_same_perplexity_and_task_scores(capsys, tiny_dir):
     args = ["evaluate", "--model", tiny_dir, "--eval_data", "wikitext2,c4", "--eval_samples", 2, "--seq_len", 32, "--json"]
+    args += ["--tasks", "arc_easy,boolq", "--limit", 4]
     code, plain, _ = run_cli(capsys, *args)
     code_onload, onloaded, _ = run_cli(capsys, *args, "--onload", "layer")
     assert code == code_onload == 0
-    assert json.loads(plain)["perplexity"] == json.loads(onloaded)["perplexity"]
+    plain, onloaded = json.loads(plain), json.loads(onloaded)
+    assert plain["perplexity"] == onloaded["perplexity"]
+    assert set(plain["tasks"]) == {"arc_easy", "boolq"} and plain["tasks"] == onloaded["tasks"]
 
 
 @pytest.mark.parametrize("family", ["llama_tied", "opt"])
