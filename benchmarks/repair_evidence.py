@@ -547,6 +547,10 @@ def main() -> None:
     if task_runs:
         budget["task_names"], budget["task_limit"] = args.tasks.split(","), args.task_limit
         scores = budget.setdefault("tasks", {})
+        for other in record["budgets"].values():  # the dense model's scores do not depend on the budget
+            shared = ("task_names", "task_limit")
+            if other is not budget and "dense" in other.get("tasks", {}) and all(other.get(k) == budget[k] for k in shared):
+                scores.setdefault("dense", other["tasks"]["dense"])
         for key in ["dense", *task_runs]:
             if key not in scores:
                 scores[key] = task_accuracy(args, key, args.model if key == "dense" else str(run_dir(args, key) / "model"))

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 
+import lightning  # noqa: F401  (imported before any test captures output: its log handler keeps the real stream)
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers

@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import lightning  # noqa: F401  (imported before any output is captured: its log handler keeps the real stream)
 import pytest
 from conftest import assert_one_line_error, make_tiny_model, run_cli
 
